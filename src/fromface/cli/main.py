@@ -1,0 +1,52 @@
+"""Entry point: discovers subcommand modules in this package and dispatches to them.
+
+Each module in ``fromface.cli`` (other than this one) defines ``register(subparsers)``, which adds
+its parser and sets ``func`` to a callable taking the parsed arguments and returning an exit code.
+Modules import heavy libraries inside their ``func`` so ``fromface --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import fromface.cli as cli_package
+from fromface import __version__
+from fromface.errors import FromfaceError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fromface",
+        description="Occlusion-robust face recognition (FROM): detect, align, embed, verify, evaluate, train.",
+    )
+    parser.add_argument("--version", action="version", version=f"fromface {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(cli_package.__path__), key=lambda m: m.name):
+        if info.name.startswith("_") or info.name == "main":
+            continue
+        module = importlib.import_module(f"fromface.cli.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FromfaceError as exc:
+        print(f"fromface {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

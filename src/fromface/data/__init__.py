@@ -1,0 +1,1 @@
+"""Reading images, datasets and pair lists."""

@@ -1,0 +1,109 @@
+"""One image loader for every entry point, so bad input fails the same clear way everywhere."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fromface.errors import ImageError
+
+ImageSource = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
+
+#: Largest image accepted (pixels). Bigger files are refused as likely decompression bombs.
+MAX_PIXELS = 64_000_000
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    return f"<{type(source).__name__}>"
+
+
+def _to_rgb(img: Image.Image, name: str) -> np.ndarray:
+    """Convert any PIL mode (L, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if mode == "I" and arr.max() <= 255:
+            hi = 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    out = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if out.ndim != 3 or out.shape[2] != 3 or out.shape[0] == 0 or out.shape[1] == 0:
+        raise ImageError(name, f"unsupported image layout {out.shape}")
+    return np.ascontiguousarray(out)
+
+
+def _from_array(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(name, f"expected an HxW, HxWx3 or HxWx4 array, got shape {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    if arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.dtype == np.uint16:
+        arr = (arr.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ImageError(name, "array contains NaN or infinite values")
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        arr = np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ImageError(name, f"unsupported array dtype {arr.dtype}")
+    return np.ascontiguousarray(arr)
+
+
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image as an (H, W, 3) uint8 RGB array, EXIF orientation applied.
+
+    Accepts a path, encoded bytes, a PIL image or a numpy array (assumed RGB). Raises
+    :class:`ImageError` naming the source for missing, empty, corrupt, truncated or oversized files.
+    """
+    name = _describe(source)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, name)
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if not path.exists():
+                raise ImageError(name, "no such file")
+            if path.is_dir():
+                raise ImageError(name, "is a directory, not an image")
+            data = path.read_bytes()
+        elif isinstance(source, (bytes, bytearray)):
+            data = bytes(source)
+        else:
+            raise ImageError(name, "expected a path, bytes, a PIL image or a numpy array")
+        if not data:
+            raise ImageError(name, "file is empty")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError(name, "not a recognised image format (corrupt or not an image)") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(name, f"image is {width}x{height}, over the limit of {max_pixels:,} pixels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(name, f"cannot decode image ({exc}); the file may be truncated or corrupt") from None
+    return _to_rgb(img, name)

@@ -1,0 +1,28 @@
+"""Models: one factory (:func:`create_model`) builds every registered network by name."""
+
+from fromface.models import iresnet, mobilefacenet  # noqa: F401  (registers models)
+from fromface.models.from_net import FROM, register_from_variant
+from fromface.models.outputs import FaceOutput
+from fromface.models.registry import (
+    Preprocess,
+    create_model,
+    get_spec,
+    list_models,
+    register_model,
+    register_pretrained,
+)
+
+for _name in ("lresnet50e_ir", "iresnet18", "iresnet50", "mobilefacenet"):
+    register_from_variant(_name)
+
+__all__ = [
+    "FROM",
+    "FaceOutput",
+    "Preprocess",
+    "create_model",
+    "get_spec",
+    "list_models",
+    "register_from_variant",
+    "register_model",
+    "register_pretrained",
+]

@@ -1,0 +1,171 @@
+"""FROM's pieces around any backbone: feature pyramid, mask decoder and occlusion-pattern predictor.
+
+The wrapper takes a plain recognizer (``backbone`` returning stage maps + ``head`` turning the last
+map into an embedding) and multiplies a soft mask, predicted from the image's own features, into
+that last map before the head. Keeping the recognizer's parameter names (``backbone.*``,
+``head.*``) lets a clean baseline checkpoint load straight into its FROM variant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fromface.errors import ConfigError
+from fromface.models.outputs import FaceOutput
+from fromface.models.registry import get_spec, register_model
+from fromface.occlusion.patterns import num_patterns
+
+MaskShape = Literal["3d", "2d"]
+MaskTarget = Literal["features", "embedding"]
+MaskSource = Literal["pyramid", "last"]
+
+
+class TopDownPyramid(nn.Module):
+    """The used path of a RetinaNet-style pyramid: P5 -> P4 -> P3, returning P3."""
+
+    def __init__(self, c3: int, c4: int, c5: int, channels: int = 256):
+        super().__init__()
+        self.lateral5 = nn.Conv2d(c5, channels, 1)
+        self.lateral4 = nn.Conv2d(c4, channels, 1)
+        self.lateral3 = nn.Conv2d(c3, channels, 1)
+        self.smooth3 = nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def forward(self, c3: torch.Tensor, c4: torch.Tensor, c5: torch.Tensor) -> torch.Tensor:
+        p5 = self.lateral5(c5)
+        p4 = self.lateral4(c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")
+        p3 = self.lateral3(c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest")
+        return self.smooth3(p3)
+
+
+class MaskDecoder(nn.Module):
+    """conv3x3 -> PReLU -> BN -> conv3x3 -> sigmoid, resized to the masked map when needed."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, hidden: int = 256):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_ch, hidden, 3, stride, 1),
+            nn.PReLU(hidden),
+            nn.BatchNorm2d(hidden),
+            nn.Conv2d(hidden, out_ch, 3, stride, 1),
+        )
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        logits = self.body(x)
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.adaptive_avg_pool2d(logits, size)
+        return torch.sigmoid(logits)
+
+
+class PatternPredictor(nn.Module):
+    """flatten(mask) -> BN -> Dropout -> Linear (no bias) -> BN: logits over occlusion patterns."""
+
+    def __init__(self, mask_numel: int, patterns: int, dropout: float = 0.5):
+        super().__init__()
+        self.norm_in = nn.BatchNorm1d(mask_numel)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(mask_numel, patterns, bias=False)
+        self.norm_out = nn.BatchNorm1d(patterns)
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return self.norm_out(self.fc(self.dropout(self.norm_in(mask.flatten(1)))))
+
+
+class FROM(nn.Module):
+    """Face Recognition with Occlusion Masks around a plain recognizer.
+
+    Args:
+        recognizer: module with ``backbone`` (a :class:`Backbone`), ``head``, ``input_size`` and
+            ``embedding_dim``.
+        grid: K of the K x K occlusion-pattern grid (K=5 gives 226 patterns, the paper's setting).
+        mask_shape: ``3d`` (one value per channel and position) or ``2d`` (shared over channels).
+        mask_target: ``features`` (mask the last map) or ``embedding`` (mask the embedding).
+        mask_source: ``pyramid`` (decode from P3) or ``last`` (decode from the last map only).
+    """
+
+    def __init__(
+        self,
+        recognizer: nn.Module,
+        grid: int = 5,
+        mask_shape: MaskShape = "3d",
+        mask_target: MaskTarget = "features",
+        mask_source: MaskSource = "pyramid",
+        pyramid_channels: int = 256,
+        dropout: float = 0.5,
+    ):
+        super().__init__()
+        for name, value, allowed in (
+            ("mask_shape", mask_shape, ("3d", "2d")),
+            ("mask_target", mask_target, ("features", "embedding")),
+            ("mask_source", mask_source, ("pyramid", "last")),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        if mask_target == "embedding" and mask_shape == "2d":
+            raise ConfigError("a 2-D mask applies to feature maps only; use mask_shape='3d' with the embedding")
+        self.backbone = recognizer.backbone
+        self.head = recognizer.head
+        self.input_size = tuple(recognizer.input_size)
+        self.embedding_dim = recognizer.embedding_dim
+        self.grid, self.mask_shape, self.mask_target, self.mask_source = grid, mask_shape, mask_target, mask_source
+
+        shapes = self.backbone.stage_shapes(*self.input_size)
+        if len(shapes) < 3:
+            raise ConfigError("FROM needs a backbone with at least three stages")
+        (c3, _, _), (c4, _, _), (c5, h5, w5) = shapes[-3:]
+        self.mask_size = (h5, w5)
+        if mask_target == "features":
+            mask_channels = {"2d": 1, "3d": c5}[mask_shape]
+        else:
+            mask_channels = recognizer.embedding_dim
+
+        if mask_source == "pyramid":
+            self.pyramid = TopDownPyramid(c3, c4, c5, pyramid_channels)
+            self.mask_decoder = MaskDecoder(pyramid_channels, mask_channels, stride=2)
+        else:
+            self.pyramid = None
+            self.mask_decoder = MaskDecoder(c5, mask_channels, stride=1)
+        mask_numel = mask_channels * (h5 * w5 if mask_target == "features" else 1)
+        self.pattern_head = PatternPredictor(mask_numel, num_patterns(grid), dropout)
+
+    def predict_mask(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """The soft mask, before broadcasting: (B, C|1, H, W) for maps, (B, D) for the embedding."""
+        source = self.pyramid(*maps[-3:]) if self.pyramid is not None else maps[-1]
+        mask = self.mask_decoder(source, self.mask_size)
+        return mask.mean(dim=(2, 3)) if self.mask_target == "embedding" else mask
+
+    def forward(self, x: torch.Tensor) -> FaceOutput:
+        maps = self.backbone(x)
+        last = maps[-1]
+        mask = self.predict_mask(maps)
+        pattern_logits = self.pattern_head(mask)
+        # The unmasked embedding is for baselines and analysis; training does not need it.
+        features = None if self.training else self.head(last)
+        if self.mask_target == "features":
+            embedding = self.head(last * mask)
+            mask = mask.expand_as(last)
+        else:
+            base = features if features is not None else self.head(last)
+            embedding = base * mask
+        return FaceOutput(embedding=embedding, features=features, mask=mask, pattern_logits=pattern_logits)
+
+
+def register_from_variant(backbone: str, description: str = "") -> Callable[..., FROM]:
+    """Register ``from_<backbone>``: FROM around the registered recognizer, same preprocessing."""
+    spec = get_spec(backbone)
+
+    def build(
+        grid: int = 5,
+        mask_shape: MaskShape = "3d",
+        mask_target: MaskTarget = "features",
+        mask_source: MaskSource = "pyramid",
+        **backbone_kwargs,
+    ) -> FROM:
+        return FROM(spec.builder(**backbone_kwargs), grid, mask_shape, mask_target, mask_source)
+
+    text = description or f"FROM (mask decoder + pattern predictor) on {backbone}"
+    return register_model(f"from_{backbone}", spec.preprocess, text, spec.licence)(build)

@@ -1,0 +1,90 @@
+"""One registry and one factory for every model, each bound to its preprocessing.
+
+A model's alignment template, input size and pixel normalisation travel with it (as in open_clip's
+``create_model_and_transforms``) so a crop made for one network is never fed to another.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from fromface.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an aligned crop is made and scaled before it enters the network."""
+
+    template: str  # alignment template name (see fromface.inference.alignment)
+    size: tuple[int, int]  # (height, width) of the network input
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # RGB in [0, 1] space
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    channel_order: str = "RGB"
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    builder: Callable[..., nn.Module]
+    preprocess: Preprocess
+    description: str = ""
+    licence: str = ""
+    pretrained: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    name: str,
+    preprocess: Preprocess,
+    description: str = "",
+    licence: str = "",
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``builder`` under ``name`` with its preprocessing."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        doc = description or (builder.__doc__ or "").strip().splitlines()[0:1]
+        text = doc if isinstance(doc, str) else (doc[0] if doc else "")
+        _REGISTRY[name] = ModelSpec(name, builder, preprocess, text, licence)
+        return builder
+
+    return wrap
+
+
+def register_pretrained(model: str, tag: str, **info: Any) -> None:
+    """Attach a pretrained tag (weights file, checksum, thresholds...) to a registered model."""
+    get_spec(model).pretrained[tag] = info
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
+        raise ConfigError(f"unknown model {name!r}{hint}") from None
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model by name; its ``preprocess`` attribute says how to feed it."""
+    spec = get_spec(name)
+    try:
+        model = spec.builder(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"cannot build {name!r} with {sorted(kwargs)}: {exc}") from None
+    model.preprocess = spec.preprocess
+    model.model_name = name
+    return model

@@ -1,0 +1,1 @@
+"""Training: the FROM loss, the trainer and its data plumbing."""

@@ -1,0 +1,44 @@
+"""The FROM training objective as one object that returns its named parts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fromface.models.heads import MARGIN_HEADS
+from fromface.models.outputs import FaceOutput
+
+
+class FromLoss(nn.Module):
+    """Margin loss on the masked embedding + ``pattern_weight`` x pattern cross-entropy.
+
+    ``forward`` returns a dict: ``margin``, ``pattern`` (when the model predicts patterns and labels
+    are given) and ``total``, so logs can show every part.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        margin: str = "cosface",
+        scale: float = 30.0,
+        margin_value: float = 0.35,
+        pattern_weight: float = 1.0,
+    ):
+        super().__init__()
+        if margin not in MARGIN_HEADS:
+            raise ValueError(f"margin must be one of {sorted(MARGIN_HEADS)}, got {margin!r}")
+        self.classifier = MARGIN_HEADS[margin](embedding_dim, num_classes, scale, margin_value)
+        self.pattern_weight = pattern_weight
+
+    def forward(
+        self, output: FaceOutput, labels: torch.Tensor, pattern_labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        losses = {"margin": F.cross_entropy(self.classifier(output.embedding, labels), labels)}
+        if output.pattern_logits is not None and pattern_labels is not None and self.pattern_weight > 0:
+            losses["pattern"] = F.cross_entropy(output.pattern_logits.float(), pattern_labels)
+            losses["total"] = losses["margin"] + self.pattern_weight * losses["pattern"]
+        else:
+            losses["total"] = losses["margin"]
+        return losses
