@@ -18,7 +18,8 @@ ImageSource = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
 MAX_PIXELS = 64_000_000
 
 
-def _describe(source: ImageSource) -> str:
+def describe_source(source: ImageSource) -> str:
+    """A short printable name for an image source, used in error messages."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, (bytes, bytearray)):
@@ -73,7 +74,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     Accepts a path, encoded bytes, a PIL image or a numpy array (assumed RGB). Raises
     :class:`ImageError` naming the source for missing, empty, corrupt, truncated or oversized files.
     """
-    name = _describe(source)
+    name = describe_source(source)
     if isinstance(source, np.ndarray):
         return _from_array(source, name)
     if isinstance(source, Image.Image):

@@ -1,0 +1,27 @@
+"""Face detection and alignment: YuNet detector, similarity alignment to named templates, fallbacks."""
+
+from fromface.inference.alignment import (
+    TEMPLATES,
+    AlignmentTemplate,
+    get_template,
+    register_template,
+    similarity_transform,
+    warp_face,
+)
+from fromface.inference.detection import Detection, FaceDetector, YuNetDetector, yunet_model_path
+from fromface.inference.faces import AlignedFace, FaceAligner
+
+__all__ = [
+    "TEMPLATES",
+    "AlignedFace",
+    "AlignmentTemplate",
+    "Detection",
+    "FaceAligner",
+    "FaceDetector",
+    "YuNetDetector",
+    "get_template",
+    "register_template",
+    "similarity_transform",
+    "warp_face",
+    "yunet_model_path",
+]
