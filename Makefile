@@ -22,7 +22,7 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.base
-	$(PY) -m fromface.cli.main demo
+	$(PY) tools/demo.py
 
 peers: $(VENV)/.base
 	$(PIP) -q -e '.[peers]'

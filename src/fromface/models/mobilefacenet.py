@@ -38,9 +38,9 @@ class Bottleneck(nn.Module):
         return x + y if self.residual else y
 
 
-def _stage(in_ch: int, out_ch: int, expanded: int, repeats: int) -> nn.Sequential:
+def _stage(in_ch: int, out_ch: int, down_expanded: int, expanded: int, repeats: int) -> nn.Sequential:
     """A stride-2 bottleneck followed by ``repeats`` residual ones."""
-    blocks = [Bottleneck(in_ch, out_ch, expanded, 2)]
+    blocks = [Bottleneck(in_ch, out_ch, down_expanded, 2)]
     blocks += [Bottleneck(out_ch, out_ch, expanded, 1) for _ in range(repeats)]
     return nn.Sequential(*blocks)
 
@@ -51,9 +51,9 @@ class MobileFaceNetBackbone(Backbone):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(conv_bn(3, 64, 3, 2), conv_bn(64, 64, 3, 1, groups=64))
-        self.stage3 = _stage(64, 64, 128, 4)
-        self.stage4 = _stage(64, 128, 256, 6)
-        self.stage5 = nn.Sequential(_stage(128, 128, 512, 2), conv_bn(128, 512))
+        self.stage3 = _stage(64, 64, 128, 128, 4)
+        self.stage4 = _stage(64, 128, 256, 256, 6)
+        self.stage5 = nn.Sequential(_stage(128, 128, 512, 256, 2), conv_bn(128, 512))
         self.stage_channels = (64, 128, 512)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

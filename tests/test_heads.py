@@ -1,0 +1,69 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fromface.models.heads import ArcFace, CosFace
+from fromface.models.outputs import FaceOutput
+from fromface.training.loss import FromLoss
+
+
+def _hand_cosines(emb, weight):
+    rows = []
+    for e in emb:
+        rows.append([float(e @ w / (e.norm() * w.norm())) for w in weight])
+    return torch.tensor(rows)
+
+
+def test_cosface_matches_hand_computation():
+    torch.manual_seed(0)
+    head = CosFace(4, 3, scale=30.0, margin=0.35)
+    emb = torch.randn(2, 4)
+    labels = torch.tensor([2, 0])
+    cos = _hand_cosines(emb, head.weight.detach())
+    expected = cos.clone()
+    expected[0, 2] -= 0.35
+    expected[1, 0] -= 0.35
+    torch.testing.assert_close(head(emb, labels), 30.0 * expected, atol=1e-5, rtol=1e-5)
+
+
+def test_arcface_matches_hand_computation():
+    torch.manual_seed(1)
+    head = ArcFace(4, 3, scale=64.0, margin=0.5)
+    emb = torch.randn(2, 4)
+    labels = torch.tensor([1, 1])
+    cos = _hand_cosines(emb, head.weight.detach())
+    expected = cos.clone()
+    for i in range(2):
+        theta = math.acos(cos[i, 1])
+        if theta + 0.5 < math.pi:
+            expected[i, 1] = math.cos(theta + 0.5)
+        else:
+            expected[i, 1] = cos[i, 1] - math.sin(math.pi - 0.5) * 0.5
+    torch.testing.assert_close(head(emb, labels), 64.0 * expected, atol=1e-4, rtol=1e-4)
+
+
+def test_arcface_is_finite_at_the_extremes():
+    head = ArcFace(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    emb = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], requires_grad=True)  # cos = +1 and -1 to class 0
+    logits = head(emb, torch.tensor([0, 0]))
+    F.cross_entropy(logits, torch.tensor([0, 0])).backward()
+    assert torch.isfinite(logits).all() and torch.isfinite(emb.grad).all()
+    # monotonic fallback: the target logit for cos = -1 is below the one for cos = +1
+    assert logits[1, 0] < logits[0, 0]
+
+
+def test_from_loss_combines_named_parts():
+    torch.manual_seed(0)
+    loss = FromLoss(8, 4, pattern_weight=0.5)
+    out = FaceOutput(embedding=torch.randn(3, 8), pattern_logits=torch.randn(3, 10))
+    labels, patterns = torch.tensor([0, 1, 3]), torch.tensor([0, 9, 4])
+    parts = loss(out, labels, patterns)
+    expected_margin = F.cross_entropy(loss.classifier(out.embedding, labels), labels)
+    torch.testing.assert_close(parts["margin"], expected_margin)
+    torch.testing.assert_close(parts["pattern"], F.cross_entropy(out.pattern_logits, patterns))
+    torch.testing.assert_close(parts["total"], parts["margin"] + 0.5 * parts["pattern"])
+    plain = loss(FaceOutput(embedding=out.embedding), labels)
+    assert set(plain) == {"margin", "total"}
