@@ -86,7 +86,10 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 raise ImageError(name, "no such file")
             if path.is_dir():
                 raise ImageError(name, "is a directory, not an image")
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
         elif isinstance(source, (bytes, bytearray)):
             data = bytes(source)
         else:
@@ -97,6 +100,10 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise ImageError(name, "not a recognised image format (corrupt or not an image)") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageError(name, f"refused as a likely decompression bomb ({exc})") from None
+        except Exception as exc:  # PIL plugins raise assorted errors (struct.error, ValueError...) on bad headers
+            raise ImageError(name, f"cannot parse image header ({type(exc).__name__}: {exc}); corrupt file") from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(name, f"image is {width}x{height}, over the limit of {max_pixels:,} pixels")
@@ -105,6 +112,8 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
             img = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageError(name, f"refused as a likely decompression bomb ({exc})") from None
+    except Exception as exc:  # OSError for truncation, but plugins also raise struct.error, IndexError, ...
         raise ImageError(name, f"cannot decode image ({exc}); the file may be truncated or corrupt") from None
     return _to_rgb(img, name)

@@ -21,9 +21,9 @@ METHODS = ("detected", "retry", "fallback")
 
 #: Centre-crop fallback box, as fractions of the image: (centre x, centre y, side / min(height, width)).
 #: The arcface112 template's 112x112 crop is laid on this square to estimate the five landmarks. Calibrated on
-#: 250x250 LFW photos (median of YuNet-aligned crops, see docs/detection.md): a 0.44 * 250 = 110 px square
-#: centred at (125, 127).
-FALLBACK_BOX = (0.5, 0.508, 0.44)
+#: 250x250 LFW photos (median over 400 YuNet-aligned photos; see docs/detection.md): a 125 px square centred at
+#: (125, 116.5), i.e. pixels x 62.5-187.5, y 54-179.
+FALLBACK_BOX = (0.5, 0.466, 0.5)
 
 
 @dataclass

@@ -1,0 +1,178 @@
+"""``fromface align SRC DST``: detect and align every image in a folder tree, keeping its structure.
+
+Writes one crop per image (or per face with ``--select all``), a CSV of per-image results and a summary of how
+many faces were detected, retried, fell back or failed. Re-running skips images already done with the same
+settings, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"}
+CSV_NAME = "align_results.csv"
+SETTINGS_NAME = "align_settings.json"
+FIELDS = ["source", "status", "method", "score", "x1", "y1", "x2", "y2"] + [
+    f"{p}{i}" for i in range(5) for p in ("lx", "ly")] + ["n_faces", "outputs", "error"]
+STATUSES = ("detected", "retry", "fallback", "failed")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("align", help="detect and align all faces in a folder tree",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", type=Path, help="folder of images (searched recursively)")
+    p.add_argument("dst", type=Path, help="output folder; mirrors SRC's structure")
+    p.add_argument("--template", default="arcface112", help="alignment template (default: arcface112)")
+    p.add_argument("--select", default="largest", choices=["largest", "central", "all"],
+                   help="which face when there are several (default: largest; use central for centred photos)")
+    p.add_argument("--fallback", action="store_true",
+                   help="centre-crop photos where no face is found (only for photos centred on one face)")
+    p.add_argument("--workers", type=int, default=2, help="parallel workers (default: 2)")
+    p.add_argument("--format", default="png", choices=["png", "jpg"], help="crop file format (default: png)")
+    p.add_argument("--overwrite", action="store_true", help="redo every image, even those already done")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def find_images(root: Path, exclude: Path | None = None) -> list[Path]:
+    """Image files under root (relative paths, sorted), skipping anything inside ``exclude``."""
+    exclude = exclude.resolve() if exclude is not None else None
+    out = []
+    for path in root.rglob("*"):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        if exclude is not None and exclude in path.resolve().parents:
+            continue
+        out.append(path.relative_to(root))
+    return sorted(out)
+
+
+def _output_names(rel: Path, n: int, select: str, fmt: str) -> list[Path]:
+    if select != "all":
+        return [rel.with_suffix("." + fmt)]
+    return [rel.with_name(f"{rel.stem}_face{i}.{fmt}") for i in range(n)]
+
+
+def _row(rel: Path, status: str, error: str = "") -> dict:
+    row = dict.fromkeys(FIELDS, "")
+    row.update(source=rel.as_posix(), status=status, n_faces=0, error=error)
+    return row
+
+
+def process_one(aligner, src: Path, dst: Path, rel: Path, fmt: str) -> dict:
+    """Align one image and save its crop(s); never raises for bad input, records the failure instead."""
+    from PIL import Image
+
+    from fromface.data.images import load_image
+    from fromface.errors import FromfaceError
+
+    try:
+        image = load_image(src / rel)
+        faces = aligner.align_array(image, str(src / rel))
+    except FromfaceError as exc:
+        return _row(rel, "failed", str(exc))
+    names = _output_names(rel, len(faces), aligner.select, fmt)
+    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+    for face, name in zip(faces, names):
+        Image.fromarray(face.crop).save(dst / name, quality=95) if fmt == "jpg" else Image.fromarray(
+            face.crop).save(dst / name, compress_level=1)
+    first = faces[0]
+    row = _row(rel, first.method)
+    row.update(method=first.method, score=f"{first.score:.4f}", n_faces=len(faces),
+               outputs=";".join(n.as_posix() for n in names))
+    row.update({k: f"{v:.2f}" for k, v in zip(("x1", "y1", "x2", "y2"), first.box)})
+    for i, (x, y) in enumerate(first.landmarks):
+        row[f"lx{i}"], row[f"ly{i}"] = f"{x:.2f}", f"{y:.2f}"
+    return row
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """Rows of an earlier run's CSV keyed by source path (empty when there is none)."""
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as fh:
+        return {row["source"]: row for row in csv.DictReader(fh) if row.get("source")}
+
+
+def _is_done(row: dict | None, dst: Path) -> bool:
+    if row is None or row.get("status") not in ("detected", "retry", "fallback"):
+        return False
+    return all((dst / name).is_file() for name in row.get("outputs", "").split(";") if name)
+
+
+def _check_settings(dst: Path, settings: dict, overwrite: bool) -> None:
+    from fromface.errors import ConfigError
+
+    path = dst / SETTINGS_NAME
+    if path.is_file() and not overwrite:
+        old = json.loads(path.read_text())
+        if old != settings:
+            raise ConfigError(f"{dst} was aligned with other settings {old}; use another DST or --overwrite")
+    dst.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def summarize(rows: list[dict]) -> dict[str, int]:
+    """Counts per status, in the fixed order detected / retry / fallback / failed."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts
+
+
+def write_results(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: r["source"]))
+    tmp.replace(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    import cv2
+    from tqdm import tqdm
+
+    from fromface.errors import DataError
+    from fromface.inference.faces import FaceAligner
+
+    src, dst = args.src, args.dst
+    if not src.is_dir():
+        raise DataError(f"{src}: not a folder of images")
+    if args.workers < 1:
+        raise DataError(f"--workers must be at least 1, got {args.workers}")
+    aligner = FaceAligner(args.template, select=args.select, fallback=args.fallback)
+    settings = {"template": aligner.template, "select": args.select, "fallback": args.fallback, "format": args.format}
+    _check_settings(dst, settings, args.overwrite)
+    images = find_images(src, exclude=dst)
+    if not images:
+        raise DataError(f"{src}: no image files found")
+    csv_path = dst / CSV_NAME
+    old = {} if args.overwrite else read_results(csv_path)
+    done = {rel.as_posix(): old[rel.as_posix()] for rel in images if _is_done(old.get(rel.as_posix()), dst)}
+    todo = [rel for rel in images if rel.as_posix() not in done]
+    cv2.setNumThreads(1 if args.workers > 1 else 2)
+    start = time.perf_counter()
+    rows = list(done.values())
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        results = pool.map(lambda rel: process_one(aligner, src, dst, rel, args.format), todo)
+        for row in tqdm(results, total=len(todo), desc="align", unit="img", disable=args.no_progress):
+            rows.append(row)
+            if len(rows) % 1000 == 0:
+                write_results(csv_path, rows)
+    elapsed = time.perf_counter() - start
+    write_results(csv_path, rows)
+    counts = summarize(rows)
+    rate = len(todo) / elapsed if elapsed > 0 else 0.0
+    print(f"{len(rows)} images: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+          + f" ({len(done)} already done, {len(todo)} processed in {elapsed:.1f} s, {rate:.1f} img/s)")
+    print(f"results: {csv_path}")
+    for row in rows:
+        if row["status"] == "failed" and row["source"] not in done:
+            print(f"failed: {row['error']}")
+    return 0
