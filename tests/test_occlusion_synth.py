@@ -1,0 +1,272 @@
+"""Occluder library, synthesiser and the on-the-fly training dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fromface.errors import ConfigError, DataError, ImageError
+from fromface.occlusion.dataset import OccludedFaceDataset
+from fromface.occlusion.occluders import OccluderLibrary, read_anchor_config
+from fromface.occlusion.patterns import PatternVocabulary
+from fromface.occlusion.synth import PRESETS, Synthesizer, box_label, rng_for
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+HEADER = "file,category,kind,source,licence\n"
+CFG = """[test_mask]
+template: masks/templates/test_mask.png
+size: 80, 60
+mask_a: 4, 10
+mask_b: 40, 2
+mask_c: 76, 10
+mask_d: 8, 44
+mask_e: 40, 58
+mask_f: 72, 44
+
+[empty]
+"""
+
+
+def _write_rgba(path: Path, size: tuple[int, int], seed: int, ellipse: bool) -> None:
+    w, h = size
+    rng = np.random.default_rng(seed)
+    rgba = np.zeros((h, w, 4), dtype=np.uint8)
+    rgba[..., :3] = rng.integers(0, 256, (h, w, 3))
+    yy, xx = np.mgrid[:h, :w]
+    inside = ((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2 <= 1 if ellipse else np.ones((h, w), bool)
+    rgba[..., 3] = np.where(inside, 255, 0)
+    rgba[h // 2, : w // 4, 3] = 100  # some soft alpha
+    Image.fromarray(rgba, "RGBA").save(path)
+
+
+@pytest.fixture()
+def occ_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "occ"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / "box_cup.png")
+    Image.fromarray(rng.integers(0, 256, (12, 40, 3), dtype=np.uint8)).save(root / "box_sun.png")
+    _write_rgba(root / "rgba_hand.png", (36, 30), 2, ellipse=True)
+    _write_rgba(root / "rgba_mouth_mask_test_mask.png", (40, 30), 3, ellipse=True)  # half of 80x60
+    rows = ["box_cup.png,cup,box,test,CC0", "box_sun.png,sunglasses,box,test,CC0", "rgba_hand.png,hand,rgba,test,CC0",
+            "rgba_mouth_mask_test_mask.png,mouth_mask,rgba,MaskTheFace masks/templates/test_mask.png,MIT"]
+    (root / "occluders.csv").write_text(HEADER + "\n".join(rows) + "\n")
+    (root / "masktheface_masks.cfg").write_text(CFG)
+    return root
+
+
+@pytest.fixture()
+def face() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.integers(30, 220, (112, 96, 3), dtype=np.uint8)
+
+
+LANDMARKS = np.array([[30.3, 51.7], [65.5, 51.5], [48.0, 71.7], [33.5, 92.4], [62.7, 92.2]])
+
+
+def test_library_reads_kinds_alpha_crop_and_anchors(occ_folder: Path) -> None:
+    lib = OccluderLibrary.from_folder(occ_folder)
+    assert len(lib) == 4 and lib.categories == ["cup", "sunglasses", "hand", "mouth_mask"]
+    cup = lib.in_category("cup")[0]
+    assert cup.size == (20, 30) and (cup.alpha == 255).all() and cup.anchors is None
+    mask = lib.in_category("mouth_mask")[0]
+    assert mask.template == "test_mask" and mask.anchors.shape == (6, 2)
+    full = np.asarray(Image.open(occ_folder / "rgba_mouth_mask_test_mask.png"))[..., 3]
+    ys, xs = np.nonzero(full)
+    assert mask.size == (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)  # cropped to alpha
+    # anchors: scaled by 40/80 and 30/60, then shifted by the crop offset
+    np.testing.assert_allclose(mask.anchors[1], [40 * 0.5 - xs.min(), 2 * 0.5 - ys.min()])
+    assert list(OccluderLibrary.from_folder(occ_folder, categories=["hand"]).categories) == ["hand"]
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("file,category,kind\nbox_cup.png,cup,box\n", "lacks column"),
+    (HEADER + "box_cup.png,cup,box,test,CC0\nbox_sun.png,sunglasses,paste,test,CC0\n", "occluders.csv:3: kind"),
+    (HEADER + "box_cup.png,cup,box,test\n", "occluders.csv:2: expected 5 fields"),
+    (HEADER, "lists no occluders"),
+])
+def test_malformed_csv_is_a_clear_data_error(occ_folder: Path, body: str, problem: str) -> None:
+    (occ_folder / "occluders.csv").write_text(body)
+    with pytest.raises(DataError, match=problem):
+        OccluderLibrary.from_folder(occ_folder)
+
+
+def test_bad_occluder_images_are_clear_image_errors(occ_folder: Path) -> None:
+    csv_path = occ_folder / "occluders.csv"
+    csv_path.write_text(HEADER + "missing.png,cup,box,test,CC0\n")
+    with pytest.raises(ImageError, match="missing.png.*does not exist"):
+        OccluderLibrary.from_folder(occ_folder)
+    (occ_folder / "junk.png").write_bytes(b"not an image at all")
+    csv_path.write_text(HEADER + "junk.png,cup,box,test,CC0\n")
+    with pytest.raises(ImageError, match="junk.png: cannot read occluder image"):
+        OccluderLibrary.from_folder(occ_folder)
+    csv_path.write_text(HEADER + "box_cup.png,cup,rgba,test,CC0\n")
+    with pytest.raises(ImageError, match="no alpha channel"):
+        OccluderLibrary.from_folder(occ_folder)
+    with pytest.raises(DataError, match="unknown category"):
+        OccluderLibrary.from_folder(occ_folder, categories=["boat"])
+    with pytest.raises(DataError, match="does not exist"):
+        OccluderLibrary.from_folder(occ_folder / "nope")
+    (occ_folder / "masktheface_masks.cfg").write_text("[x]\ntemplate: a.png\nmask_a: 1, 2\n")
+    with pytest.raises(DataError, match=r"\[x\] lacks mask_b"):
+        read_anchor_config(occ_folder / "masktheface_masks.cfg")
+
+
+@pytest.mark.parametrize("preset", ["paper2", "face"])
+def test_same_seed_same_bytes(occ_folder: Path, face: np.ndarray, preset: str) -> None:
+    synth = Synthesizer(OccluderLibrary.from_folder(occ_folder), preset=preset, grid=5)
+    a = [synth.occlude(face, rng_for(3, i), landmarks=LANDMARKS) for i in range(12)]
+    b = [synth.occlude(face.copy(), rng_for(3, i), landmarks=LANDMARKS) for i in range(12)]
+    for x, y in zip(a, b):
+        assert x.image.tobytes() == y.image.tobytes() and x.record == y.record and x.pattern_label == y.pattern_label
+    c = [synth.occlude(face, rng_for(4, i), landmarks=LANDMARKS) for i in range(12)]
+    assert any(x.image.tobytes() != z.image.tobytes() for x, z in zip(a, c))
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper2", "face", "face-train"])
+def test_mask_pixels_label_and_coverage_agree(occ_folder: Path, face: np.ndarray, preset: str) -> None:
+    synth = Synthesizer(OccluderLibrary.from_folder(occ_folder), preset=preset, grid=4)
+    vocab = PatternVocabulary(112, 96, 4)
+    kinds = set()
+    for i in range(30):
+        res = synth.occlude(face, rng_for(11, i), landmarks=LANDMARKS)
+        assert res.image.shape == face.shape and res.mask.shape == face.shape[:2] and res.mask.dtype == bool
+        # pixels outside the mask are untouched, for box and rgba alike
+        assert np.array_equal(res.image[~res.mask], face[~res.mask])
+        changed = (res.image != face).any(axis=2)
+        assert not (changed & ~res.mask).any()
+        assert abs(changed.mean() - res.covered_fraction) < 0.01  # recomputed from pixels (frame = whole crop)
+        assert res.covered_fraction == pytest.approx(res.mask.mean())
+        assert res.pattern_label == int(vocab.label(res.mask))
+        kinds.add(res.record["kind"])
+    assert kinds >= {"box", "rgba"} or preset in ("paper", "face-train")
+
+
+def test_rgba_alpha_zero_pixels_untouched(occ_folder: Path, face: np.ndarray) -> None:
+    synth = Synthesizer(OccluderLibrary.from_folder(occ_folder, categories=["hand"]), preset="paper2")
+    for i in range(10):
+        res = synth.occlude(face, rng_for(5, i))
+        x0, y0, x1, y1 = res.record["pasted_box"]
+        x0, y0 = max(0, x0), max(0, y0)
+        box = np.zeros(face.shape[:2], bool)
+        box[y0:y1, x0:x1] = True
+        corner_outside = box & ~res.mask
+        assert corner_outside.any()  # an ellipse leaves the corners of its box
+        assert np.array_equal(res.image[corner_outside], face[corner_outside])
+
+
+def test_paper_box_mask_is_the_pasted_box_clipped(occ_folder: Path, face: np.ndarray) -> None:
+    synth = Synthesizer(OccluderLibrary.from_folder(occ_folder, categories=["cup", "sunglasses"]), preset="paper")
+    clean = 0
+    for i in range(60):
+        res = synth.occlude(face, rng_for(9, i))
+        if res.record["clean"]:
+            clean += 1
+            assert not res.mask.any() and res.pattern_label is None and np.array_equal(res.image, face)
+            continue
+        x0, y0, x1, y1 = res.record["pasted_box"]
+        expect = np.zeros(face.shape[:2], bool)
+        expect[max(0, y0):y1, max(0, x0):x1] = True
+        assert np.array_equal(res.mask, expect)
+        assert res.record["factor"] in PRESETS["paper"].factors
+    assert 8 <= clean <= 32  # probability 1/3 of 60
+
+
+def test_face_preset_hits_coverage_and_places_by_category(occ_folder: Path, face: np.ndarray) -> None:
+    lib = OccluderLibrary.from_folder(occ_folder)
+    synth = Synthesizer(lib, preset="face", coverage=(0.25, 0.3))
+    places = {}
+    for i in range(40):
+        res = synth.occlude(face, rng_for(2, i), landmarks=LANDMARKS)
+        rec = res.record
+        places[rec["category"]] = rec["placement"]
+        if rec["placement"] != "anchored":
+            assert 0.23 <= res.covered_fraction <= 0.32, rec
+        ys, xs = np.nonzero(res.mask)
+        if rec["category"] == "sunglasses":
+            assert abs(ys.mean() - 51.6) < 6 and abs(xs.mean() - 48) < 6
+        if rec["category"] == "mouth_mask":
+            assert ys.mean() > 71.7 - 5  # below the nose tip, over mouth and chin
+    assert places == {"sunglasses": "eyes", "mouth_mask": "anchored", "cup": "anywhere", "hand": "anywhere"}
+
+
+def test_face_box_frame_and_label_size(occ_folder: Path) -> None:
+    photo = np.random.default_rng(0).integers(0, 255, (200, 180, 3), dtype=np.uint8)
+    synth = Synthesizer(OccluderLibrary.from_folder(occ_folder), preset="face", grid=5)
+    box = np.array([50.0, 40.0, 130.0, 150.0])
+    res = synth.occlude(photo, rng_for(0, 1), face_box=box)
+    assert res.record["frame"] == [50, 40, 130, 150]
+    assert res.covered_fraction == pytest.approx(res.mask[40:150, 50:130].mean())
+    assert 0 < res.pattern_label < 226
+
+
+def test_box_label_equals_vocabulary_label() -> None:
+    rng = np.random.default_rng(0)
+    for h, w, k in [(112, 96, 5), (40, 33, 3)]:
+        vocab = PatternVocabulary(h, w, k)
+        for _ in range(100):
+            m = rng.random((h, w)) < rng.uniform(0, 0.3)
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            m[y:y + rng.integers(1, h), x:x + rng.integers(1, w)] = True
+            assert box_label(vocab, m) == int(vocab.label(m))
+        assert box_label(vocab, np.zeros((h, w), bool)) == 0
+
+
+def test_bad_presets_are_config_errors(occ_folder: Path) -> None:
+    lib = OccluderLibrary.from_folder(occ_folder)
+    with pytest.raises(ConfigError, match="unknown occlusion preset"):
+        Synthesizer(lib, preset="nope")
+    with pytest.raises(ConfigError, match="coverage"):
+        Synthesizer(lib, preset="face", coverage=(0.5, 0.2))
+
+
+class _Pre:
+    template, size, mean, std, channel_order = "sphereface112x96", (112, 96), (0.5,) * 3, (0.5,) * 3, "RGB"
+
+
+def test_dataset_is_seeded_per_sample_and_epoch(occ_folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (6, 112, 96, 3), dtype=np.uint8)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    synth = Synthesizer(OccluderLibrary.from_folder(occ_folder), preset="face-train")
+    ds = OccludedFaceDataset((images, labels), synth, _Pre(), grid=5, seed=1)
+    assert len(ds) == 6 and ds.num_classes == 3
+    x, ident, label, mask = ds[3]
+    assert x.shape == (3, 112, 96) and x.dtype == torch.float32 and ident == 1 and mask.shape == (112, 96)
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0 and 0 <= label < 226
+    assert torch.equal(ds[3][0], x)
+    first = [ds[i][0] for i in range(6)]
+    ds.set_epoch(1)
+    assert any(not torch.equal(a, ds[i][0]) for i, a in enumerate(first))
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
+    batched = torch.cat([b[0] for b in loader])
+    assert torch.equal(batched, torch.stack([ds[i][0] for i in range(6)]))
+
+
+def test_dataset_reads_identity_folders(tmp_path: Path, occ_folder: Path) -> None:
+    for name in ("bob", "amy"):
+        (tmp_path / "ids" / name).mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(np.full((120, 100, 3), 40 * j + 50, np.uint8)).save(tmp_path / "ids" / name / f"{j}.png")
+    ds = OccludedFaceDataset(tmp_path / "ids", Synthesizer(OccluderLibrary.from_folder(occ_folder)), _Pre())
+    assert ds.classes == ["amy", "bob"] and [s[1] for s in ds.samples] == [0, 0, 1, 1]
+    assert ds[2][0].shape == (3, 112, 96)
+    (tmp_path / "empty" / "nobody").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        OccludedFaceDataset(tmp_path / "empty", Synthesizer(OccluderLibrary.from_folder(occ_folder)), _Pre())
+
+
+@pytest.mark.skipif(not (SHARED / "occluders" / "occluders.csv").is_file(), reason="needs ../shared/data/occluders")
+def test_shared_occluder_library() -> None:
+    lib = OccluderLibrary.from_folder(SHARED / "occluders")
+    assert len(lib) == 40 and len(lib.categories) == 9
+    anchored = [o for o in lib if o.anchors is not None]
+    assert len(anchored) == 21 and all(o.category == "mouth_mask" for o in anchored)
+    for o in anchored:  # anchors land on the visible mask, give or take MaskTheFace's overhangs
+        h, w = o.size
+        assert (o.anchors[:, 0] > -0.25 * w).all() and (o.anchors[:, 0] < 1.25 * w).all()
+        assert (o.anchors[:, 1] > -0.1 * h).all() and (o.anchors[:, 1] < 1.1 * h).all()
