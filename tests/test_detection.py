@@ -19,7 +19,7 @@ from fromface.cli.main import main
 from fromface.data.images import load_image
 from fromface.errors import ImageError, NoFaceError
 from fromface.inference import TEMPLATES, Detection, FaceAligner, FaceDetector, YuNetDetector, yunet_model_path
-from fromface.inference.faces import FALLBACK_BOX, fallback_landmarks
+from fromface.inference.faces import FALLBACK_BOX, estimate_fallback_box, fallback_landmarks
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "images"
 needs_lfw = pytest.mark.skipif(not LFW.is_dir(), reason="../shared/data/lfw not present")
@@ -153,18 +153,27 @@ def test_no_face_raises_naming_source_or_falls_back(tmp_path):
     [face] = FaceAligner("sphereface112x96", fallback=True, detector=fake).align(path)
     assert face.method == "fallback" and face.score == 0.0 and face.crop.shape == (112, 96, 3)
     cx, cy, side = FALLBACK_BOX
-    assert np.allclose(face.box, [125 - 62.5, cy * 250 - 62.5, 125 + 62.5, cy * 250 + 62.5]) and side == 0.5
+    half = side * 250 / 2
+    assert np.allclose(face.box, [cx * 250 - half, cy * 250 - half, cx * 250 + half, cy * 250 + half])
     box, landmarks = fallback_landmarks(250, 250)
     assert np.allclose(landmarks[:, 0].mean(), 125, atol=1) and landmarks[0, 0] < landmarks[1, 0]
+
+
+def test_estimate_fallback_box_inverts_fallback_landmarks():
+    box = (0.45, 0.55, 0.3)
+    _, landmarks = fallback_landmarks(200, 300, box)
+    assert np.allclose(estimate_fallback_box([landmarks, landmarks], 200, 300), box)
 
 
 @needs_lfw
 def test_fallback_box_close_to_real_lfw_landmarks(detector):
     """The documented centre box should put the estimated landmarks near the detected ones on LFW."""
     _, estimate = fallback_landmarks(250, 250)
-    for i in range(3):
-        detected = detector.detect(_lfw(i))[0].landmarks
-        assert np.abs(estimate - detected).max() < 25
+    detected = [detector.detect(_lfw(i))[0].landmarks for i in range(3)]
+    for lm in detected:
+        assert np.abs(estimate - lm).max() < 25
+    cx, cy, side = estimate_fallback_box(detected, 250, 250)
+    assert abs(cx - FALLBACK_BOX[0]) < 0.05 and abs(cy - FALLBACK_BOX[1]) < 0.05 and abs(side - FALLBACK_BOX[2]) < 0.1
 
 
 def test_bad_selection_and_template_rejected():
