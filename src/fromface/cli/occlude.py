@@ -17,8 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-MANIFEST_COLUMNS = ("index", "source", "output", "seed", "preset", "face", "face_box", "occluder", "category", "kind",
-                    "placement", "template", "box", "factor", "scale", "angle", "target_coverage",
+MANIFEST_COLUMNS = ("index", "source", "output", "seed", "preset", "face", "face_box", "frame", "occluder", "category",
+                    "kind", "placement", "template", "box", "factor", "scale", "angle", "target_coverage",
                     "covered_fraction", "pattern_label", "grid", "sha256")
 
 
@@ -103,7 +103,8 @@ def _row(index, src, root, rel, args, preset_name, how, box, result, digest) -> 
         source = str(src)
     return {
         "index": index, "source": source, "output": rel.as_posix(), "seed": args.seed, "preset": preset_name,
-        "face": how, "face_box": " ".join(f"{v:.1f}" for v in box), "occluder": rec.get("occluder", ""),
+        "face": how, "face_box": " ".join(f"{v:.1f}" for v in box),
+        "frame": " ".join(map(str, rec.get("frame", []))), "occluder": rec.get("occluder", ""),
         "category": rec.get("category", ""), "kind": rec.get("kind", ""), "placement": rec.get("placement", ""),
         "template": rec.get("template", ""), "box": " ".join(map(str, rec.get("box", []))),
         "factor": rec.get("factor", ""), "scale": rec.get("scale", ""), "angle": rec.get("angle", ""),

@@ -293,7 +293,12 @@ class Synthesizer:
         target = float(rng.uniform(*self.preset.coverage))
         fx0, fy0, fx1, fy1 = frame
         face_area = float((fx1 - fx0) * (fy1 - fy0))
-        make, placement, angle, bounds = self._placement(occ, rng, frame, lms)
+        place, placement, angle, bounds = self._placement(occ, rng, frame, lms)
+
+        def make(k: float) -> np.ndarray:
+            # rounded so that last-bit differences between libm/LAPACK builds cannot move a pixel
+            return np.round(place(k), 6)
+
         oh, ow = occ.size
         k = 1.0 if placement == "anchored" else math.sqrt(target * face_area / (oh * ow * max(occ.coverage, 1e-3)))
         k = float(np.clip(k, *bounds))
@@ -315,7 +320,8 @@ class Synthesizer:
             alpha = _warped_alpha(occ, size, m)
             rgb = cv2.warpAffine(occ.rgb, m, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
             mask = _blend(out, roi, rgb, alpha)
-        scale = float(np.sqrt(abs(np.linalg.det(make(k)[:, :2]))))
+        mat = make(k)
+        scale = float(np.sqrt(abs(mat[0, 0] * mat[1, 1] - mat[0, 1] * mat[1, 0])))
         info = {"placement": placement, "factor": round(k, 6), "scale": round(scale, 6),
                 "angle": round(math.degrees(angle), 3), "target_coverage": round(target, 6),
                 "template": occ.template or ""}
