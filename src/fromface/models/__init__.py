@@ -1,6 +1,6 @@
 """Models: one factory (:func:`create_model`) builds every registered network by name."""
 
-from fromface.models import iresnet, mobilefacenet  # noqa: F401  (registers models)
+from fromface.models import dlib_resnet, iresnet, mobilefacenet, sface  # noqa: F401  (registers models)
 from fromface.models.from_net import FROM, register_from_variant
 from fromface.models.outputs import FaceOutput
 from fromface.models.registry import (
@@ -12,7 +12,7 @@ from fromface.models.registry import (
     register_pretrained,
 )
 
-for _name in ("lresnet50e_ir", "iresnet18", "iresnet50", "mobilefacenet"):
+for _name in ("lresnet50e_ir", "iresnet18", "iresnet50", "mobilefacenet", "sface_net", "dlib_resnet"):
     register_from_variant(_name)
 
 __all__ = [
