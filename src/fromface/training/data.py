@@ -1,0 +1,206 @@
+"""Training data: identity split, seeded augmentation (flip + occlusion), a resumable sampler, validation pairs.
+
+Every random choice about a sample is drawn from ``numpy.random.default_rng([seed, epoch, index])``,
+so an epoch looks the same whatever the number of loader workers or processes, and a resumed run
+sees exactly the images, flips and occluders the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fromface.errors import ConfigError, DataError
+from fromface.occlusion.patterns import PatternVocabulary
+
+
+@dataclass
+class Split:
+    """Row indices of the training and held-out (validation) identities, with contiguous train labels."""
+
+    train_rows: np.ndarray
+    train_labels: np.ndarray
+    num_classes: int
+    val_rows: np.ndarray
+    val_labels: np.ndarray
+
+
+def split_by_identity(labels: np.ndarray, val_identities: float, seed: int) -> Split:
+    """Hold out whole identities (a fraction when < 1, else a count) for validation; never the test sets."""
+    labels = np.asarray(labels)
+    ids = np.unique(labels)
+    n_val = int(round(val_identities * len(ids))) if val_identities < 1 else int(val_identities)
+    if n_val >= len(ids):
+        raise DataError(f"cannot hold out {n_val} of {len(ids)} identities for validation and still train")
+    held = np.random.default_rng([seed, 1]).permutation(ids)[:n_val]
+    is_val = np.isin(labels, held)
+    train_rows = np.flatnonzero(~is_val)
+    train_ids = np.unique(labels[train_rows])
+    remap = np.full(labels.max() + 1, -1, dtype=np.int64)
+    remap[train_ids] = np.arange(len(train_ids))
+    val_rows = np.flatnonzero(is_val)
+    return Split(train_rows, remap[labels[train_rows]], len(train_ids), val_rows, labels[val_rows])
+
+
+def make_pairs(rows: np.ndarray, labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """(P, 3) int array of (row_a, row_b, same): half positives, half negatives, seeded and distinct."""
+    rng = np.random.default_rng([seed, 2])
+    by_id: dict[int, np.ndarray] = {}
+    for label in np.unique(labels):
+        by_id[int(label)] = rows[labels == label]
+    multi = [k for k, v in by_id.items() if len(v) >= 2]
+    if len(by_id) < 2 or not multi:
+        raise DataError("validation pairs need held-out identities with at least two images each "
+                        f"(have {len(by_id)} identities, {len(multi)} with two or more images)")
+    keys = list(by_id)
+    seen, pairs = set(), []
+    for _ in range(count * 20):
+        if len(pairs) >= count:
+            break
+        same = len(pairs) % 2 == 0
+        if same:
+            a, b = rng.choice(by_id[multi[rng.integers(len(multi))]], 2, replace=False)
+        else:
+            i, j = rng.choice(len(keys), 2, replace=False)
+            a, b = rng.choice(by_id[keys[i]]), rng.choice(by_id[keys[j]])
+        key = (min(a, b), max(a, b))
+        if key not in seen:
+            seen.add(key)
+            pairs.append((a, b, int(same)))
+    return np.asarray(pairs, dtype=np.int64)
+
+
+class RandomBoxOccluder:
+    """Built-in occluder when no occluder images are configured: a noise or solid box at a random place.
+
+    Sides are drawn from 20-70% of the crop, the mask is the box clipped to the image (as in FROM).
+    """
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        h, w = image.shape[:2]
+        bh, bw = (rng.uniform(0.2, 0.7, 2) * (h, w)).astype(int) + 1
+        cy, cx = rng.integers(0, h), rng.integers(0, w)
+        top, left = max(cy - bh // 2, 0), max(cx - bw // 2, 0)
+        bottom, right = min(cy + (bh + 1) // 2, h), min(cx + (bw + 1) // 2, w)
+        out = image.copy()
+        if rng.random() < 0.5:
+            out[top:bottom, left:right] = rng.integers(0, 256, 3, dtype=np.uint8)
+        else:
+            out[top:bottom, left:right] = rng.integers(0, 256, (bottom - top, right - left, 3), dtype=np.uint8)
+        mask = np.zeros((h, w), dtype=bool)
+        mask[top:bottom, left:right] = True
+        return out, mask
+
+
+class SynthesizerOccluder:
+    """Adapter to ``fromface.occlusion.Synthesizer``: pastes real occluders, landmarks from the template."""
+
+    def __init__(self, folder: str, categories: list[str] | None, preset: str, template: str | None,
+                 size: tuple[int, int]):
+        try:
+            from fromface.occlusion import OccluderLibrary, Synthesizer
+        except ImportError as exc:
+            raise ConfigError(f"occlusion.occluders needs fromface.occlusion's Synthesizer ({exc})") from None
+        self.synth = Synthesizer(OccluderLibrary.from_folder(folder, categories=categories), preset=preset)
+        self.landmarks = None
+        if template is not None:
+            from fromface.inference.alignment import get_template
+
+            tpl = get_template(template)
+            scale = np.array([size[1] / tpl.size[1], size[0] / tpl.size[0]])
+            self.landmarks = tpl.points * scale
+        self.box = np.array([0.0, 0.0, size[1], size[0]])
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        result = self.synth.occlude(image, rng, face_box=self.box, landmarks=self.landmarks)
+        return np.ascontiguousarray(result.image), np.asarray(result.mask, dtype=bool)
+
+
+def to_tensor(image: np.ndarray, mean, std, channel_order: str = "RGB") -> torch.Tensor:
+    """HxWx3 uint8 RGB -> normalised CxHxW float tensor, as the model's preprocessing says."""
+    if channel_order.upper() == "BGR":
+        image = image[:, :, ::-1]
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)  # a writable copy
+    m = torch.tensor(mean if channel_order.upper() == "RGB" else mean[::-1]).view(3, 1, 1)
+    s = torch.tensor(std if channel_order.upper() == "RGB" else std[::-1]).view(3, 1, 1)
+    return (x - m) / s
+
+
+class TrainFaces(torch.utils.data.Dataset):
+    """Samples are ``(image, identity, pattern_label)``; index with ``(row, epoch)`` from :class:`EpochBatches`."""
+
+    def __init__(self, source, rows: np.ndarray, labels: np.ndarray, preprocess, seed: int, flip: bool = True,
+                 occluder=None, clean_prob: float = 1.0, grid: int | None = None):
+        self.source, self.rows, self.labels = source, rows, labels
+        self.preprocess, self.seed, self.flip = preprocess, seed, flip
+        self.occluder, self.clean_prob = occluder, clean_prob
+        h, w = preprocess.size
+        self.vocab = PatternVocabulary(h, w, grid) if grid else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, int]:
+        """The augmented uint8 image and its occlusion-pattern label (0 = clean)."""
+        rng = np.random.default_rng([self.seed, epoch, int(i)])
+        image = self.source.image(int(self.rows[i]))
+        if self.flip and rng.random() < 0.5:
+            image = np.ascontiguousarray(image[:, ::-1])
+        pattern = 0
+        if self.occluder is not None and rng.random() >= self.clean_prob:
+            image, mask = self.occluder(image, rng)
+            if self.vocab is not None:
+                pattern = int(self.vocab.label(mask))
+        return image, pattern
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, epoch = key
+        image, pattern = self.sample(i, epoch)
+        p = self.preprocess
+        return to_tensor(image, p.mean, p.std, p.channel_order), int(self.labels[i]), pattern
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """This rank's batches of one epoch: a seeded permutation cut into global batches, each split over ranks.
+
+    ``start`` skips batches already consumed before a checkpoint, so a resumed run continues mid-epoch
+    with the same order. Incomplete last batches are dropped, so every rank takes the same number of steps.
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int, start: int = 0):
+        if global_batch % world:
+            raise ConfigError(f"data.batch_size={global_batch} must be divisible by the {world} processes")
+        if n < global_batch:
+            raise DataError(f"the training split has {n} images, fewer than one batch of {global_batch}")
+        self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.epoch, self.start = seed, epoch, start
+
+    def __len__(self) -> int:
+        return self.n // self.batch - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = np.random.default_rng([self.seed, 3, self.epoch]).permutation(self.n)
+        per_rank = self.batch // self.world
+        for b in range(self.start, self.n // self.batch):
+            chunk = order[b * self.batch + self.rank * per_rank: b * self.batch + (self.rank + 1) * per_rank]
+            yield [(int(i), self.epoch) for i in chunk]
+
+
+class PlainFaces(torch.utils.data.Dataset):
+    """Validation images, unaugmented (optionally occluded with a fixed per-row seed)."""
+
+    def __init__(self, source, rows: np.ndarray, preprocess, occluder=None, seed: int = 0):
+        self.source, self.rows, self.preprocess, self.occluder, self.seed = source, rows, preprocess, occluder, seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self.source.image(int(self.rows[i]))
+        if self.occluder is not None:
+            image, _ = self.occluder(image, np.random.default_rng([self.seed, 4, int(self.rows[i])]))
+        p = self.preprocess
+        return to_tensor(image, p.mean, p.std, p.channel_order)

@@ -1,0 +1,261 @@
+"""Identity folders and the packed training format.
+
+An identity folder is ``root/<identity>/<image>``. A *pack* holds the same faces already aligned and
+resized to one model input size: ``images.npy`` (one uint8 (N, H, W, 3) RGB array, read through a
+memory map) plus ``index.json`` (identity names, one label and source file per row, what was skipped
+and why). Training on CPU from a pack is not bound by JPEG decoding, and aligning an unaligned folder
+once (through the model's own alignment template) is what the cache stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fromface.errors import DataError, FromfaceError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+PACK_FORMAT = "fromface-pack"
+PACK_VERSION = 1
+
+
+@dataclass
+class FaceList:
+    """Image files with integer identity labels (``identities[label]`` is the folder name)."""
+
+    files: list[Path]
+    labels: np.ndarray
+    identities: list[str]
+
+
+def scan_identity_folder(root: str | os.PathLike, min_images: int = 1) -> FaceList:
+    """List ``root/<identity>/<image>`` files; identities are sorted by name so labels are stable."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: training folder not found")
+    if not root.is_dir():
+        raise DataError(f"{root}: expected a folder of identity sub-folders, got a file")
+    files, labels, identities = [], [], []
+    loose = 0
+    for entry in sorted(root.iterdir()):
+        if entry.is_file():
+            loose += entry.suffix.lower() in IMAGE_EXTENSIONS
+            continue
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        images = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if len(images) < max(min_images, 1):
+            continue
+        files += images
+        labels += [len(identities)] * len(images)
+        identities.append(entry.name)
+    if not identities:
+        extra = f" ({loose} images lie directly in it, not in identity sub-folders)" if loose else ""
+        raise DataError(f"{root}: no identity sub-folders with at least {max(min_images, 1)} image(s) "
+                        f"(expected root/<identity>/<image>){extra}")
+    return FaceList(files, np.asarray(labels, dtype=np.int64), identities)
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    shrink = image.shape[0] > h or image.shape[1] > w
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def load_face(path: Path, size: tuple[int, int], aligner=None) -> np.ndarray:
+    """One training face at ``size``: aligned with ``aligner`` when given, else the image resized."""
+    from fromface.data.images import load_image
+
+    image = load_image(path)
+    if aligner is not None:
+        image = aligner.align_array(image, str(path))[0].crop
+    return np.ascontiguousarray(_resize(image, size))
+
+
+def _make_aligner(template: str, fallback: bool):
+    try:
+        from fromface.inference.faces import FaceAligner
+    except ImportError as exc:  # pragma: no cover - the inference package ships with fromface
+        raise DataError(f"aligning a training folder needs fromface.inference ({exc})") from None
+    return FaceAligner(template, select="largest", fallback=fallback)
+
+
+def pack_folder(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    size: tuple[int, int],
+    template: str | None = None,
+    aligned: bool = True,
+    fallback: bool = False,
+    min_images: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Decode (and, when ``aligned`` is False, detect and align) every image once into a pack.
+
+    Unreadable images and, without ``fallback``, images with no detected face are skipped and listed
+    in the index. The pack is written to a temporary folder and renamed, so a crash never leaves a
+    half-written pack that looks complete.
+    """
+    faces = scan_identity_folder(root, min_images)
+    if not aligned and template is None:
+        raise DataError("aligning a folder needs the model's alignment template")
+    aligner = None if aligned else _make_aligner(template, fallback)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    h, w = size
+    array = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(faces.files), h, w, 3))
+    kept, skipped = [], []
+    iterator = faces.files
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(faces.files, desc="pack", unit="img", dynamic_ncols=True)
+    for i, path in enumerate(iterator):
+        try:
+            array[len(kept)] = load_face(path, size, aligner)
+        except FromfaceError as exc:
+            skipped.append([str(path.relative_to(root)), str(exc)])
+            continue
+        kept.append(i)
+    array.flush()
+    _finish_pack(tmp, array, faces, kept, skipped, Path(root), size, template, aligned)
+    del array
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _finish_pack(tmp: Path, array: np.ndarray, faces: FaceList, kept: list[int], skipped: list, root: Path,
+                 size: tuple[int, int], template: str | None, aligned: bool) -> None:
+    """Drop skipped rows and emptied identities, then write the index."""
+    if not kept:
+        raise DataError(f"{root}: none of the {len(faces.files)} images could be packed "
+                        f"(first problem: {skipped[0][1] if skipped else 'none'})")
+    old_labels = faces.labels[kept]
+    present = np.unique(old_labels)
+    remap = {int(old): new for new, old in enumerate(present)}
+    if len(kept) < len(faces.files):
+        small = np.lib.format.open_memmap(tmp / "images.small.npy", mode="w+", dtype=np.uint8,
+                                          shape=(len(kept),) + array.shape[1:])
+        for start in range(0, len(kept), 1024):
+            small[start:start + 1024] = array[start:start + 1024]
+        small.flush()
+        del small
+        os.replace(tmp / "images.small.npy", tmp / "images.npy")
+    index = {
+        "format": PACK_FORMAT,
+        "version": PACK_VERSION,
+        "size": list(size),
+        "template": template,
+        "aligned_by": "input" if aligned else "fromface.inference.FaceAligner",
+        "source": str(root),
+        "count": len(kept),
+        "identities": [faces.identities[int(old)] for old in present],
+        "labels": [remap[int(label)] for label in old_labels],
+        "files": [str(faces.files[i].relative_to(root)) for i in kept],
+        "skipped": skipped,
+    }
+    (tmp / "index.json").write_text(json.dumps(index), encoding="utf-8")
+
+
+class PackedFaces:
+    """Read-only view of a pack: ``images`` is a memory-mapped (N, H, W, 3) uint8 array."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        index_path, images_path = self.root / "index.json", self.root / "images.npy"
+        for p in (index_path, images_path):
+            if not p.is_file():
+                raise DataError(f"{p}: missing; a pack needs index.json and images.npy (see `fromface pack`)")
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{index_path}: not valid JSON ({exc})") from None
+        if not isinstance(index, dict) or index.get("format") != PACK_FORMAT:
+            raise DataError(f"{index_path}: not a fromface pack index (format != {PACK_FORMAT!r})")
+        try:
+            self.images = np.load(images_path, mmap_mode="r")
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{images_path}: cannot read the image array ({exc})") from None
+        self.size = tuple(int(v) for v in index["size"])
+        self.template = index.get("template")
+        self.identities = list(index["identities"])
+        self.labels = np.asarray(index["labels"], dtype=np.int64)
+        self.files = list(index["files"])
+        self.skipped = index.get("skipped", [])
+        expected = (len(self.labels), *self.size, 3)
+        if self.images.dtype != np.uint8 or tuple(self.images.shape) != expected:
+            raise DataError(f"{images_path}: array is {self.images.dtype} {tuple(self.images.shape)}, "
+                            f"index.json describes uint8 {expected}")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.identities)):
+            raise DataError(f"{index_path}: labels fall outside the {len(self.identities)} identities")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> np.ndarray:
+        return np.array(self.images[i])
+
+
+class FolderFaces:
+    """An identity folder of already aligned crops, decoded on every read (no pack needed)."""
+
+    def __init__(self, root: str | os.PathLike, size: tuple[int, int], min_images: int = 1):
+        found = scan_identity_folder(root, min_images)
+        self.root, self.size = Path(root), tuple(size)
+        self.files, self.labels, self.identities = found.files, found.labels, found.identities
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> np.ndarray:
+        return load_face(self.files[i], self.size)
+
+
+def is_pack(path: str | os.PathLike) -> bool:
+    return (Path(path) / "index.json").is_file() and (Path(path) / "images.npy").is_file()
+
+
+def cache_key(root: Path, size: tuple[int, int], template: str, fallback: bool, min_images: int) -> str:
+    """Changes when any file is added, removed or rewritten, or the alignment settings change."""
+    digest = hashlib.sha1(f"{root.resolve()}|{size}|{template}|{fallback}|{min_images}".encode())
+    for path in scan_identity_folder(root, min_images).files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def open_faces(path: str | os.PathLike, fmt: str, size: tuple[int, int], template: str, aligned: bool = True,
+               fallback: bool = False, cache_dir: str | os.PathLike | None = None, min_images: int = 1,
+               progress: bool = True):
+    """The training faces at ``path``: a pack, an aligned folder, or an unaligned folder packed once into the cache."""
+    path = Path(path)
+    if fmt not in ("auto", "folder", "packed"):
+        raise DataError(f"data.format must be auto, folder or packed; got {fmt!r}")
+    if fmt == "packed" or (fmt == "auto" and is_pack(path)):
+        pack = PackedFaces(path)
+        if pack.size != tuple(size):
+            raise DataError(f"{path}: pack holds {pack.size[0]}x{pack.size[1]} crops but the model takes "
+                            f"{size[0]}x{size[1]}; re-pack with `fromface pack --model ...`")
+        return pack
+    if aligned:
+        return FolderFaces(path, size, min_images)
+    cache = Path(cache_dir) if cache_dir else path.parent / ".fromface-cache"
+    target = cache / f"{path.name}-{cache_key(path, size, template, fallback, min_images)}"
+    if not is_pack(target):
+        cache.mkdir(parents=True, exist_ok=True)
+        pack_folder(path, target, size, template, aligned=False, fallback=fallback, min_images=min_images,
+                    progress=progress)
+    return PackedFaces(target)

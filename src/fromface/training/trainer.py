@@ -1,0 +1,339 @@
+"""The trainer: one short loop for a CPU, one GPU or ``torchrun`` (DDP), driven by a :class:`TrainConfig`.
+
+Model and loss are wrapped in one :class:`TrainingTask` so the margin classifier's weights are
+synchronised by DDP like the rest, and every parameter takes part in every step (no
+``find_unused_parameters``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fromface.errors import ConfigError, FromfaceError
+from fromface.training import checkpoint as ckpt_io
+from fromface.training.config import TrainConfig, config_to_dict, save_config
+from fromface.training.data import (
+    EpochBatches,
+    RandomBoxOccluder,
+    SynthesizerOccluder,
+    TrainFaces,
+    make_pairs,
+    split_by_identity,
+)
+from fromface.training.logs import RunLog
+from fromface.training.loss import FromLoss
+from fromface.training.optim import build_optimizer, build_scheduler, param_groups
+from fromface.training.pack import open_faces
+from fromface.training.runtime import setup_runtime, teardown
+from fromface.training.validate import PairBenchmark, validate
+
+
+class TrainingTask(nn.Module):
+    """Model + loss: ``forward(images, labels, patterns)`` returns the dict of named losses."""
+
+    def __init__(self, model: nn.Module, loss: FromLoss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.loss(self.model(images), labels, patterns)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_occluder(cfg: TrainConfig, preprocess):
+    if not cfg.occlusion.enabled:
+        return None
+    if cfg.occlusion.occluders:
+        return SynthesizerOccluder(cfg.occlusion.occluders, cfg.occlusion.categories, cfg.occlusion.preset,
+                                   preprocess.template, preprocess.size)
+    return RandomBoxOccluder()
+
+
+class Trainer:
+    """Builds everything from the config; :meth:`fit` runs to the end (or ``schedule.max_steps``)."""
+
+    def __init__(self, config: TrainConfig, resume: str | None = None, progress: bool | None = None):
+        from fromface.models import create_model
+
+        self.cfg = cfg = config
+        self.rt = setup_runtime(cfg.device)
+        self.device = self.rt.device
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.progress = cfg.log.progress if progress is None else progress
+        seed_everything(cfg.seed)
+        self.model = create_model(cfg.model.name, **cfg.model.kwargs)
+        self.preprocess = self.model.preprocess
+        self.grid = getattr(self.model, "grid", None)
+        self._build_data()
+        if cfg.model.init:
+            init = ckpt_io.read_checkpoint(cfg.model.init)
+            ckpt_io.load_weights(self.model, init["state_dict"], cfg.model.init, strict=cfg.model.init_strict)
+        loss = FromLoss(self.model.embedding_dim, self.split.num_classes, cfg.loss.margin, cfg.loss.scale,
+                        cfg.loss.margin_value, cfg.loss.pattern_weight)
+        self.task = TrainingTask(self.model, loss).to(self.device)
+        self._build_optimisation()
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best_metric: float | None = None
+        if resume:
+            self._resume(resume)
+        if not resume:  # per-rank stream for dropout; a resumed run restored its own above
+            seed_everything(cfg.seed + 1000 * self.rt.rank)
+        self.net: nn.Module = self.task
+        if self.rt.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
+        self.log = RunLog(self.out, self.rt.is_main, cfg.log.tensorboard)
+        self.benchmark = None
+        if self.rt.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.ckpt_dir / "config.yaml")
+
+    # -- construction -------------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        cfg, p = self.cfg, self.preprocess
+        if not cfg.data.train:
+            raise ConfigError("data.train is empty: point it at an identity folder or a pack")
+        cache = cfg.data.cache_dir or str(Path(cfg.output_dir) / "cache")
+        self.source = open_faces(cfg.data.train, cfg.data.format, p.size, p.template, cfg.data.aligned,
+                                 cfg.data.align_fallback, cache, cfg.data.min_images, self.progress)
+        self.split = split_by_identity(self.source.labels, cfg.data.val_identities, cfg.seed)
+        self.val_pairs = None
+        if len(self.split.val_rows) and cfg.data.val_pairs > 0:
+            self.val_pairs = make_pairs(self.split.val_rows, self.split.val_labels, cfg.data.val_pairs, cfg.seed)
+        self.occluder = build_occluder(cfg, p)
+        self.dataset = TrainFaces(self.source, self.split.train_rows, self.split.train_labels, p, cfg.seed,
+                                  cfg.data.flip, self.occluder, cfg.occlusion.clean_prob, self.grid)
+        world = self.rt.world_size
+        EpochBatches(len(self.dataset), cfg.data.batch_size, 0, world, cfg.seed, 0)  # validates sizes early
+        self.steps_per_epoch = len(self.dataset) // cfg.data.batch_size
+        self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
+        if cfg.schedule.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.schedule.max_steps)
+
+    def _build_optimisation(self) -> None:
+        cfg = self.cfg
+        if cfg.loss.pattern_weight == 0 and hasattr(self.model, "pattern_head"):
+            self.model.pattern_head.requires_grad_(False)  # unused: keep DDP free of unused parameters
+        named = [(n, p) for n, p in self.model.named_parameters()]
+        named += [(f"loss.{n}", p) for n, p in self.task.loss.named_parameters()]
+        self.groups = param_groups(named, cfg.optim)
+        self.frozen_modules = [r.prefix.rstrip(".") for r in cfg.optim.groups if r.freeze]
+        self.params = [p for g in self.groups for p in g["params"]]
+        self.optimizer = build_optimizer(self.groups, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, self.total_steps, cfg.schedule)
+        self.amp = bool(cfg.amp and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        rng = ckpt_io.rng_state()
+        per_rank = [rng]
+        if self.rt.distributed:
+            per_rank = [None] * self.rt.world_size
+            torch.distributed.all_gather_object(per_rank, rng)
+        return {
+            "format_version": ckpt_io.FORMAT_VERSION,
+            "model_name": self.model.model_name,
+            "model_kwargs": dict(self.cfg.model.kwargs),
+            "state_dict": self.model.state_dict(),
+            "loss_state": self.task.loss.state_dict(),
+            "config": config_to_dict(self.cfg),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "rng_per_rank": per_rank,
+            "world_size": self.rt.world_size,
+            "best_metric": self.best_metric,
+            "num_classes": self.split.num_classes,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Every rank must call this (RNG states are gathered); only the main rank writes."""
+        state = self.state()
+        if not self.rt.is_main:
+            return None
+        path = ckpt_io.atomic_save(state, self.ckpt_dir / f"step_{self.step:08d}.pt")
+        ckpt_io.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+        return path
+
+    def _resume(self, path: str) -> None:
+        if path == "auto":
+            found = ckpt_io.step_checkpoints(self.ckpt_dir)
+            if not found:
+                raise ConfigError(f"--resume auto: no step_*.pt checkpoint in {self.ckpt_dir}")
+            path = str(found[-1])
+        state = ckpt_io.read_checkpoint(path)
+        ckpt_io.check_architecture(state, self.model.model_name, self.cfg.model.kwargs, path)
+        if state.get("num_classes") not in (None, self.split.num_classes):
+            raise ConfigError(f"{path}: trained on {state['num_classes']} identities, this data split has "
+                              f"{self.split.num_classes}; resume needs the same data and data.val_identities")
+        ckpt_io.load_weights(self.model, state["state_dict"], path, strict=True)
+        self.task.loss.load_state_dict(state["loss_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best_metric = state.get("best_metric")
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        same_world = len(per_rank) == self.rt.world_size
+        ckpt_io.set_rng_state(per_rank[self.rt.rank] if same_world else state["rng"])
+        self.resumed_from = path
+
+    # -- training --------------------------------------------------------------------------------------
+    def set_train_mode(self) -> None:
+        self.task.train()
+        for name in self.frozen_modules:  # a frozen trunk keeps its BN statistics and no dropout
+            try:
+                self.model.get_submodule(name).eval()
+            except AttributeError:
+                pass
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor) -> dict[str, float]:
+        """One optimiser step; returns the loss parts as floats."""
+        dev = self.device
+        images, labels, patterns = images.to(dev), labels.to(dev), patterns.to(dev)
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
+            losses = self.net(images, labels, patterns)
+        total = losses["total"]
+        if not torch.isfinite(total):
+            raise FromfaceError(f"loss is {float(total)} at step {self.step}: lower optim.lr or set "
+                                "optim.clip_grad_norm")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg.optim.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
+        sampler = EpochBatches(len(self.dataset), self.cfg.data.batch_size, self.rt.rank, self.rt.world_size,
+                               self.cfg.seed, epoch, start)
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator())  # global RNG stays untouched
+
+    def fit(self) -> dict:
+        """Train to ``total_steps``; returns a summary (steps, best metric, last checkpoint)."""
+        bar = None
+        if self.rt.is_main and self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True)
+        last_saved = last_eval = None
+        window, tick = [], time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                self.set_train_mode()
+                for images, labels, patterns in self.loader(self.epoch, self.batch_in_epoch):
+                    window.append(self.train_step(images, labels, patterns))
+                    self.batch_in_epoch += 1
+                    if self.batch_in_epoch == self.steps_per_epoch:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % self.cfg.log.every_steps == 0 or self.step == self.total_steps:
+                        rate = len(window) * self.cfg.data.batch_size / max(time.perf_counter() - tick, 1e-9)
+                        self._log_train(window, rate, bar)
+                        window, tick = [], time.perf_counter()
+                    if self._due(self.cfg.eval.every_steps, self.cfg.eval.every_epochs):
+                        self.evaluate()
+                        last_eval = self.step
+                    if self._due(self.cfg.checkpoint.every_steps, self.cfg.checkpoint.every_epochs):
+                        self.save_checkpoint()
+                        last_saved = self.step
+                    if self.step >= self.total_steps:
+                        break
+            if last_eval != self.step:
+                self.evaluate()
+            if last_saved != self.step:
+                self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log.close()
+        found = ckpt_io.step_checkpoints(self.ckpt_dir)
+        return {"step": self.step, "epoch": self.epoch, "best_metric": self.best_metric,
+                "last_checkpoint": str(found[-1]) if found else None, "output_dir": str(self.out)}
+
+    def close(self) -> None:
+        teardown(self.rt)
+
+    def _due(self, every_steps: int | None, every_epochs: int | None) -> bool:
+        if every_steps and self.step % every_steps == 0:
+            return True
+        return bool(every_epochs) and self.batch_in_epoch == 0 and self.epoch % every_epochs == 0
+
+    def _log_train(self, window: list[dict], rate: float, bar) -> None:
+        parts = {k: float(np.mean([w[k] for w in window])) for k in window[-1]}
+        values = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": rate, **parts}
+        self.log.write("train", self.step, values)
+        if bar is not None:
+            bar.set_postfix({**{k: f"{v:.3f}" for k, v in parts.items()}, "img/s": f"{rate:.1f}"})
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation on held-out identities (selects ``best.pt``) and optional LFW (reported only). Main rank."""
+        if not self.rt.is_main:
+            return {}
+        metrics: dict[str, float] = {}
+        cfg = self.cfg.eval
+        if self.val_pairs is not None:
+            occ = self.occluder if self.cfg.occlusion.val else None
+            metrics.update(validate(self.model, self.source, self.val_pairs, self.preprocess, self.device,
+                                    cfg.batch_size, occ, self.cfg.seed, self.amp))
+        if cfg.lfw_pairs:
+            if self.benchmark is None:
+                self.benchmark = PairBenchmark(cfg.lfw_pairs, cfg.lfw_root, self.preprocess, self.progress)
+            metrics["lfw_acc"] = self.benchmark.evaluate(self.model, self.device, cfg.batch_size, None, self.amp)
+            if cfg.lfw_occluded and self.occluder is not None:
+                metrics["lfw_occ_acc"] = self.benchmark.evaluate(self.model, self.device, cfg.batch_size,
+                                                                 self.occluder, self.amp)
+        if metrics:
+            self._select(metrics)
+            self.log.write("eval", self.step, {"epoch": self.epoch, **metrics})
+        return metrics
+
+    def _select(self, metrics: dict[str, float]) -> None:
+        key = self.cfg.eval.select
+        if key not in metrics:
+            raise ConfigError(f"eval.select={key!r} is not among the validation metrics {sorted(metrics)}")
+        value = metrics[key]
+        if math.isfinite(value) and (self.best_metric is None or value > self.best_metric):
+            self.best_metric = value
+            state = {"model_name": self.model.model_name, "model_kwargs": dict(self.cfg.model.kwargs),
+                     "state_dict": self.model.state_dict(), "config": config_to_dict(self.cfg),
+                     "step": self.step, "epoch": self.epoch, "best_metric": value, "metric": key}
+            ckpt_io.atomic_save(state, self.ckpt_dir / "best.pt")
+
+
+def train(config: TrainConfig, resume: str | None = None, progress: bool | None = None) -> dict:
+    """Run a whole training job (this process's share of it under torchrun)."""
+    trainer = Trainer(config, resume, progress)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

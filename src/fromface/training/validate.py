@@ -1,0 +1,113 @@
+"""Validation during training: verification accuracy on pairs of held-out identities (model selection),
+and optional LFW / occluded LFW accuracy (reported only, never used to pick a checkpoint)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fromface.training.data import PlainFaces, to_tensor
+
+
+@torch.no_grad()
+def embed(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int, device: torch.device,
+          amp: bool = False) -> np.ndarray:
+    """L2-normalised embeddings of every item of ``dataset`` (model in eval mode; restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         generator=torch.Generator())  # leaves the global RNG untouched
+    out = []
+    try:
+        for images in loader:
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                emb = model(images.to(device)).embedding.float()
+            out.append(torch.nn.functional.normalize(emb, dim=1).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def pair_accuracy(emb_a: np.ndarray, emb_b: np.ndarray, same: np.ndarray) -> float:
+    """10-fold verification accuracy of cosine scores (threshold chosen on the other folds)."""
+    from fromface.evaluation.metrics import kfold_accuracy
+
+    scores = np.sum(emb_a * emb_b, axis=1)
+    return float(kfold_accuracy(scores, same.astype(bool))["accuracy_mean"])
+
+
+def validate(model: nn.Module, source, pairs: np.ndarray, preprocess, device: torch.device, batch_size: int,
+             occluder=None, seed: int = 0, amp: bool = False) -> dict[str, float]:
+    """``val_acc`` on clean pairs; with an occluder also ``val_occ_acc`` (second image occluded) and ``val_mean``."""
+    rows = np.unique(pairs[:, :2])
+    where = {int(r): i for i, r in enumerate(rows)}
+    a = np.array([where[int(r)] for r in pairs[:, 0]])
+    b = np.array([where[int(r)] for r in pairs[:, 1]])
+    emb = embed(model, PlainFaces(source, rows, preprocess), batch_size, device, amp)
+    metrics = {"val_acc": pair_accuracy(emb[a], emb[b], pairs[:, 2])}
+    if occluder is not None:
+        second = np.unique(pairs[:, 1])
+        where_b = {int(r): i for i, r in enumerate(second)}
+        occ = embed(model, PlainFaces(source, second, preprocess, occluder, seed), batch_size, device, amp)
+        ob = np.array([where_b[int(r)] for r in pairs[:, 1]])
+        metrics["val_occ_acc"] = pair_accuracy(emb[a], occ[ob], pairs[:, 2])
+        metrics["val_mean"] = (metrics["val_acc"] + metrics["val_occ_acc"]) / 2.0
+    return metrics
+
+
+class _Crops(torch.utils.data.Dataset):
+    def __init__(self, crops: list[np.ndarray], preprocess, occluder=None, seed: int = 0):
+        self.crops, self.preprocess, self.occluder, self.seed = crops, preprocess, occluder, seed
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self.crops[i]
+        if self.occluder is not None:
+            image, _ = self.occluder(image, np.random.default_rng([self.seed, 5, i]))
+        p = self.preprocess
+        return to_tensor(image, p.mean, p.std, p.channel_order)
+
+
+class PairBenchmark:
+    """A pair list (LFW's pairs.txt or any format ``fromface.data.pairs`` reads), aligned once and kept in memory.
+
+    Images are aligned with the model's template (central face, centre-crop fallback). The occluded
+    variant pastes an occluder on the aligned crop of every pair's second image with a fixed seed: a
+    cheap training-time monitor, not the benchmark protocol of ``fromface.evaluation`` (which occludes
+    the original photo before detection).
+    """
+
+    def __init__(self, pairs_path: str, root: str | None, preprocess, progress: bool = False):
+        from fromface.data.pairs import read_pairs
+        from fromface.inference.faces import FaceAligner
+        from fromface.training.pack import load_face
+
+        pairs = read_pairs(pairs_path, root=root)
+        files = sorted({p.path1 for p in pairs} | {p.path2 for p in pairs})
+        aligner = FaceAligner(preprocess.template, select="central", fallback=True)
+        index = {f: i for i, f in enumerate(files)}
+        iterator = files
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(files, desc="align eval pairs", unit="img", leave=False)
+        self.crops = [load_face(f, preprocess.size, aligner) for f in iterator]
+        self.a = np.array([index[p.path1] for p in pairs])
+        self.b = np.array([index[p.path2] for p in pairs])
+        self.same = np.array([p.same for p in pairs], dtype=bool)
+        self.folds = np.array([p.fold for p in pairs])
+        self.preprocess = preprocess
+
+    def evaluate(self, model: nn.Module, device: torch.device, batch_size: int, occluder=None,
+                 amp: bool = False) -> float:
+        from fromface.evaluation.metrics import kfold_accuracy
+
+        emb = embed(model, _Crops(self.crops, self.preprocess), batch_size, device, amp)
+        second = emb
+        if occluder is not None:
+            second = embed(model, _Crops(self.crops, self.preprocess, occluder), batch_size, device, amp)
+        scores = np.sum(emb[self.a] * second[self.b], axis=1)
+        return float(kfold_accuracy(scores, self.same, folds=self.folds)["accuracy_mean"])
