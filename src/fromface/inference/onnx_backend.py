@@ -1,0 +1,158 @@
+"""Export a fromface model to ONNX and run it with onnxruntime.
+
+The exported graph has one input (``input``: N x 3 x H x W, dynamic N) and the outputs ``embedding`` and, for FROM
+models, ``mask`` and ``pattern_logits``. What is needed to use the file alone (model name, preprocessing, pattern grid,
+pretrained thresholds) is stored in the ONNX metadata, so ``FaceRecognizer("model.onnx")`` needs no torch model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fromface.errors import ConfigError
+
+OUTPUTS = ("embedding", "mask", "pattern_logits")
+OPSET = 18
+
+
+def _wrapper(model):
+    import torch
+
+    class _Export(torch.nn.Module):
+        """Turns FaceOutput into a plain tuple (the exporter wants tensors, not None)."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            out = self.net(x)
+            if out.mask is None or out.pattern_logits is None:
+                return (out.embedding,)
+            return out.embedding, out.mask, out.pattern_logits
+
+    return _Export(model).eval()
+
+
+def model_metadata(model, tag: str | None = None) -> dict[str, str]:
+    """String metadata written into the ONNX file: enough to preprocess inputs and read the outputs."""
+    from fromface.models import get_spec
+
+    name = getattr(model, "model_name", type(model).__name__)
+    pre = model.preprocess
+    thresholds: dict = {}
+    try:
+        pretrained = get_spec(name).pretrained
+        tag = tag or next(iter(pretrained), None)
+        thresholds = dict((pretrained.get(tag) or {}).get("thresholds") or {})
+    except ConfigError:
+        tag = None
+    return {
+        "fromface.model_name": name,
+        "fromface.preprocess": json.dumps({"template": pre.template, "size": list(pre.size), "mean": list(pre.mean),
+                                           "std": list(pre.std), "channel_order": pre.channel_order}),
+        "fromface.grid": str(getattr(model, "grid", "") or ""),
+        "fromface.tag": tag or "",
+        "fromface.thresholds": json.dumps(thresholds),
+    }
+
+
+def export_onnx(model, path: str | os.PathLike, tag: str | None = None, opset: int = OPSET) -> Path:
+    """Export ``model`` (eval mode) with a dynamic batch axis; returns the written path (written atomically)."""
+    import onnx
+    import torch
+
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ConfigError("ONNX export needs onnxscript: pip install 'fromface[onnx]'") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    h, w = model.preprocess.size
+    wrapped = _wrapper(model)
+    example = torch.randn(2, 3, h, w)
+    with torch.no_grad():
+        n_out = len(wrapped(example))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapped, (example,), input_names=["input"], output_names=list(OUTPUTS[:n_out]),
+                                    dynamic_shapes={"x": {0: batch}}, opset_version=opset, dynamo=True,
+                                    external_data=False, verbose=False)
+    proto = program.model_proto
+    for key, value in model_metadata(model, tag).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    onnx.save(proto, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def state_digest(model) -> str:
+    """Short hash of a model's weights: the export cache key."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_export(model) -> Path:
+    """Export once per (model name, weights) into ``$FROMFACE_CACHE/onnx`` and reuse the file afterwards."""
+    from fromface.models.weights import cache_dir
+
+    name = getattr(model, "model_name", type(model).__name__)
+    path = cache_dir() / "onnx" / f"{name}-{state_digest(model)}.onnx"
+    if not path.is_file():
+        export_onnx(model, path)
+    return path
+
+
+class OnnxFaceModel:
+    """An exported fromface model under onnxruntime; ``model(batch)`` -> (embedding, mask, pattern_logits)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError("the ONNX backend needs onnxruntime: pip install 'fromface[onnx]'") from None
+        from fromface.models.registry import Preprocess
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(f"{self.path}: ONNX file not found")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ConfigError(f"{self.path}: not a loadable ONNX model ({type(exc).__name__}: {exc})") from None
+        meta: dict[str, Any] = self.session.get_modelmeta().custom_metadata_map
+        if "fromface.preprocess" not in meta:
+            raise ConfigError(f"{self.path}: not exported by fromface (no preprocessing metadata); "
+                              "use `fromface export onnx`")
+        pre = json.loads(meta["fromface.preprocess"])
+        self.preprocess = Preprocess(pre["template"], tuple(pre["size"]), tuple(pre["mean"]), tuple(pre["std"]),
+                                     pre["channel_order"])
+        self.model_name = meta.get("fromface.model_name", self.path.stem)
+        self.grid = int(meta["fromface.grid"]) if meta.get("fromface.grid") else None
+        self.tag = meta.get("fromface.tag") or None
+        self.thresholds = json.loads(meta.get("fromface.thresholds") or "{}")
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        outs = dict(zip(self.output_names, self.session.run(None, {self.input_name: batch.astype(np.float32)})))
+        return outs["embedding"], outs.get("mask"), outs.get("pattern_logits")

@@ -1,0 +1,199 @@
+"""FaceRecognizer: embeddings with occlusion estimates, image kinds, batches, thresholds and bad inputs.
+
+Most tests use an untrained FROM MobileFaceNet on synthetic photos with the centre-crop fallback (no data needed);
+tests marked ``data`` use real LFW photos from ../shared/data and skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fromface.errors import ImageError, NoFaceError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LFW = DATA / "lfw" / "images"
+
+
+class NoDetector:
+    """Finds nothing, so synthetic photos go straight to the centre-crop fallback (keeps the tests fast)."""
+
+    score_threshold = 0.6
+
+    def detect(self, image_rgb, score_threshold=None):
+        return []
+
+
+@pytest.fixture(scope="module")
+def recognizer():
+    import torch
+
+    from fromface.inference.recognizer import FaceRecognizer
+
+    torch.manual_seed(0)
+    return FaceRecognizer("from_mobilefacenet", fallback=True, detector=NoDetector())
+
+
+def photo(seed: int, size: int = 160) -> np.ndarray:
+    """A smooth random RGB picture (no face: embedding relies on the centre-crop fallback)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((size, size), Image.BILINEAR))
+
+
+def lfw(name: str, i: int = 1) -> Path:
+    path = LFW / name / f"{name}_{i:04d}.jpg"
+    if not path.is_file():
+        pytest.skip(f"needs {path}")
+    return path
+
+
+def test_embed_returns_occlusion_estimate(recognizer):
+    faces = recognizer.embed(photo(1))
+    assert len(faces) == 1
+    f = faces[0]
+    assert f.method == "fallback" and f.embedding.shape == (512,) and f.embedding.dtype == np.float32
+    assert abs(float(np.linalg.norm(f.embedding)) - 1.0) < 1e-5
+    assert f.heatmap.shape == (7, 7) and 0.0 <= f.heatmap.min() <= f.heatmap.max() <= 1.0
+    assert 0 <= f.pattern < 226 and 0.0 < f.pattern_probability <= 1.0
+    top, left, bottom, right = f.pattern_box
+    assert 0 <= top <= bottom <= 112 and 0 <= left <= right <= 112
+    assert f.visible_fraction == pytest.approx(1.0 - (bottom - top) * (right - left) / 112**2)
+    assert f.crop.shape == (112, 112, 3) and f.box.shape == (4,) and f.landmarks.shape == (5, 2)
+    d = f.to_dict()
+    assert d["method"] == "fallback" and len(d["embedding"]) == 512 and len(d["heatmap"]) == 7
+
+
+def test_image_kinds_give_the_same_embedding(recognizer, tmp_path):
+    arr = photo(2)
+    path = tmp_path / "a.png"
+    Image.fromarray(arr).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    embs = [faces[0].embedding for faces in recognizer.embed([arr, str(path), path, buf.getvalue(),
+                                                              Image.fromarray(arr)])]
+    for e in embs[1:]:
+        np.testing.assert_allclose(e, embs[0], atol=1e-5)
+
+
+def test_batch_matches_single(recognizer):
+    imgs = [photo(3), photo(4)]
+    batch = recognizer.embed(imgs)
+    assert len(batch) == 2 and all(len(faces) == 1 for faces in batch)
+    for img, faces in zip(imgs, batch):
+        np.testing.assert_allclose(faces[0].embedding, recognizer.embed(img)[0].embedding, atol=1e-4)
+    assert recognizer.embed([]) == []
+
+
+def test_verify_uncalibrated_and_identical(recognizer):
+    v = recognizer.verify(photo(6), photo(6))
+    assert v.score == pytest.approx(1.0, abs=1e-5) and v.same
+    assert v.reason == "uncalibrated" and v.threshold == 0.35 and v.condition in ("clean", "occluded")
+    w = recognizer.verify(photo(6), photo(7))
+    assert w.score < 0.9999
+    assert w.to_dict()["faces"][0]["method"] == "fallback"
+
+
+def test_verify_uses_calibrated_threshold_per_condition(recognizer, monkeypatch):
+    from fromface.models import get_spec
+
+    spec = get_spec("from_mobilefacenet")
+    monkeypatch.setattr(spec, "pretrained", {"unit": {"thresholds": {
+        "clean": {"far1e-3": 0.41, "far1e-2": 0.3}, "occluded/far1e-3": 0.27}}})
+    tag, thresholds = recognizer._pretrained_info(None)
+    monkeypatch.setattr(recognizer, "tag", tag)
+    monkeypatch.setattr(recognizer, "thresholds", thresholds)
+    a, b = recognizer.embed([photo(8), photo(9)])
+    a, b = a[0], b[0]
+    a.pattern, a.visible_fraction = 0, 1.0
+    b.pattern, b.visible_fraction = 0, 1.0
+    clean = recognizer.verify(a, b)
+    assert (clean.condition, clean.threshold) == ("clean", 0.41) and clean.reason.startswith("calibrated (unit")
+    b.pattern, b.visible_fraction = 12, 0.6
+    occ = recognizer.verify(a, b)
+    assert (occ.condition, occ.threshold) == ("occluded", 0.27)
+    assert occ.same == (occ.score >= 0.27)
+    monkeypatch.setattr(recognizer, "far", "far1e-2")
+    assert recognizer.verify(a, a).threshold == 0.3
+
+
+def test_lookup_threshold_formats():
+    from fromface.inference.recognizer import lookup_threshold
+
+    assert lookup_threshold({"clean_far1e-3": 0.5}, "clean", "far1e-3") == 0.5
+    assert lookup_threshold({"occluded": {"far1e-2": 0.2}}, "occluded", "far1e-2") == 0.2
+    assert lookup_threshold({"clean": {"far1e-2": 0.2}}, "occluded", "far1e-2") is None
+    assert lookup_threshold({}, "clean", "far1e-3") is None
+
+
+def test_user_threshold_and_plain_model():
+    from fromface.inference.recognizer import FaceRecognizer
+
+    r = FaceRecognizer("mobilefacenet", fallback=True, threshold=0.9, detector=NoDetector())
+    f = r.embed(photo(10))[0]
+    assert f.heatmap is None and f.pattern is None and f.visible_fraction is None and f.occluded is None
+    v = r.verify(f, f)
+    assert v.threshold == 0.9 and v.reason == "user threshold" and v.condition == "clean"
+
+
+def test_no_face_corrupt_and_missing(recognizer, tmp_path):
+    from fromface.inference.recognizer import FaceRecognizer
+
+    strict = FaceRecognizer(recognizer.torch_model)  # the real YuNet detector, no fallback
+    with pytest.raises(NoFaceError, match="no face"):
+        strict.embed(np.full((96, 96, 3), 128, np.uint8))
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageError, match="broken.jpg"):
+        recognizer.embed(bad)
+    with pytest.raises(ImageError, match="missing.png"):
+        recognizer.verify(tmp_path / "missing.png", photo(1))
+
+
+def test_bad_arguments():
+    from fromface.errors import ConfigError
+    from fromface.inference.recognizer import FaceRecognizer
+
+    with pytest.raises(ConfigError, match="backend"):
+        FaceRecognizer("mobilefacenet", backend="tensorflow")
+    with pytest.raises(ConfigError, match="select"):
+        FaceRecognizer("mobilefacenet", select="smallest")
+    with pytest.raises(ConfigError, match="unknown model"):
+        FaceRecognizer("mobilefacenett")
+
+
+def test_default_model_resolves():
+    import warnings
+
+    from fromface.inference.recognizer import DEFAULT_MODEL, FALLBACK_MODEL, resolve_default_model
+    from fromface.models import list_models
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        name = resolve_default_model()
+    assert name in list_models()
+    if name == FALLBACK_MODEL:  # the pretrained port is missing: the user must be told loudly
+        assert any("UNTRAINED" in str(w.message) for w in caught)
+    else:
+        assert name == DEFAULT_MODEL and not caught
+
+
+@pytest.mark.data
+def test_real_faces_detected_and_many_faces(recognizer):
+    from fromface.inference.recognizer import FaceRecognizer, ManyFacesError
+
+    a, b = lfw("Aaron_Peirsol", 1), lfw("Aaron_Peirsol", 3)
+    recognizer = FaceRecognizer(recognizer.torch_model)
+    fa = recognizer.embed(a)[0]
+    assert fa.method in ("detected", "retry") and fa.score > 0.5
+    assert 40 < fa.box[0] < fa.box[2] < 210
+    two = np.concatenate([np.asarray(Image.open(a)), np.asarray(Image.open(b))], axis=1)
+    single = FaceRecognizer(recognizer.torch_model, select="single")
+    with pytest.raises(ManyFacesError, match="2 faces"):
+        single.embed(two)
+    both = FaceRecognizer(recognizer.torch_model, select="all").embed(two)
+    assert len(both) == 2
