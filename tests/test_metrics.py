@@ -1,0 +1,160 @@
+"""Verification metrics against hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fromface.errors import DataError
+from fromface.evaluation.metrics import (
+    accuracy_at,
+    assign_folds,
+    best_threshold,
+    candidate_thresholds,
+    cosine_scores,
+    equal_error_rate,
+    far_label,
+    kfold_accuracy,
+    roc_auc,
+    roc_curve,
+    tar_at_far,
+    verification_metrics,
+)
+
+
+def test_candidate_thresholds_and_accuracy():
+    s = np.array([0.1, 0.4, 0.4, 0.9])
+    y = np.array([False, False, True, True])
+    c = candidate_thresholds(s)
+    assert np.allclose(c, [0.1 - 1e-6, 0.25, 0.65, 0.9 + 1e-6])
+    # t below all: everything "same" -> 2/4; t=0.25 -> 3/4; t=0.65 -> 3/4; t above all -> 2/4
+    assert np.allclose(accuracy_at(s, y, c), [0.5, 0.75, 0.75, 0.5])
+
+
+def test_best_threshold_separable_and_ties():
+    assert best_threshold([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == pytest.approx(0.5)
+    # two optimal candidates (0.25 and 0.65): the median of the list [0.25, 0.65] is index 1
+    assert best_threshold([0.1, 0.4, 0.4, 0.9], [False, False, True, True]) == pytest.approx(0.65)
+
+
+def test_assign_folds_given_and_contiguous_per_class():
+    same = np.array([True] * 4 + [False] * 4)
+    assert list(assign_folds(same, 2)) == [0, 0, 1, 1, 0, 0, 1, 1]
+    given = np.array([1, 0, 1, 0, 1, 0, 1, 0])
+    assert list(assign_folds(same, 2, given)) == list(given)
+    # any -1 (list without folds) -> contiguous
+    assert list(assign_folds(same, 4, [-1] * 8)) == [0, 1, 2, 3, 0, 1, 2, 3]
+    # folds are capped by the smaller class
+    assert assign_folds(np.array([True, True, True, False, False]), 10).max() == 1
+    with pytest.raises(DataError):
+        assign_folds(np.array([True, False]), 10)
+
+
+def test_kfold_threshold_comes_from_other_folds():
+    # Each fold alone is perfectly separable, but its threshold is chosen on the other fold:
+    # fold 1 puts it at 0.675 (between its 0.65 negative and 0.7 positive), which rejects fold 0's 0.6
+    # positive; fold 0 puts it at 0.4, which accepts fold 1's 0.65 negative. Choosing on the test fold
+    # itself would give 100%.
+    scores = np.array([0.6, 0.9, 0.1, 0.2, 0.7, 0.8, 0.3, 0.65])
+    same = np.array([True, True, False, False, True, True, False, False])
+    folds = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    out = kfold_accuracy(scores, same, folds)
+    assert out["fold_thresholds"] == pytest.approx([0.675, 0.4])
+    assert out["fold_accuracies"] == [0.75, 0.75]
+    assert out["accuracy_mean"] == pytest.approx(0.75)
+    assert out["accuracy_std"] == pytest.approx(0.0)
+    assert out["n_folds"] == 2 and out["folds_from"] == "list"
+
+
+def test_kfold_std_is_population_std():
+    # fold 1 trains two tied best thresholds (0.2, 0.8) -> the median pick 0.8 rejects fold 0's 0.8 positive
+    # (75%); fold 0 trains 0.5, which rejects fold 1's 0.3 positive and accepts its 0.7 negative (50%).
+    scores = np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.9, 0.7, 0.1])
+    same = np.array([True, True, False, False, True, True, False, False])
+    out = kfold_accuracy(scores, same, [0, 0, 0, 0, 1, 1, 1, 1])
+    assert out["fold_thresholds"] == pytest.approx([0.8, 0.5])
+    assert out["fold_accuracies"] == [0.75, 0.5]
+    assert out["accuracy_mean"] == pytest.approx(0.625)
+    assert out["accuracy_std"] == pytest.approx(0.125)  # population std, as LFW tools report
+
+
+def test_roc_curve_and_auc_hand_case():
+    s = [0.9, 0.8, 0.7, 0.6]
+    y = [True, False, True, False]
+    fpr, tpr, thr = roc_curve(s, y)
+    assert np.allclose(fpr, [0, 0, 0.5, 0.5, 1.0])
+    assert np.allclose(tpr, [0, 0.5, 0.5, 1.0, 1.0])
+    assert thr[0] == np.inf
+    # Mann-Whitney: positive beats negative in 3 of 4 comparisons
+    assert roc_auc(s, y) == pytest.approx(0.75)
+
+
+def test_auc_counts_ties_as_half():
+    assert roc_auc([0.5, 0.5], [True, False]) == pytest.approx(0.5)
+    assert roc_auc([1, 2, 3, 4], [False, False, True, True]) == pytest.approx(1.0)
+
+
+def test_eer_hand_cases():
+    eer, t = equal_error_rate([0.1, 0.2, 0.8, 0.9], [False, False, True, True])
+    assert eer == pytest.approx(0.0)
+    # sorted desc: 0.9 P, 0.8 N, 0.7 P, 0.6 N -> rates cross exactly at FPR = FNR = 0.5
+    eer, _ = equal_error_rate([0.9, 0.8, 0.7, 0.6], [True, False, True, False])
+    assert eer == pytest.approx(0.5)
+    # 2 positives, 2 negatives, one negative above one positive: EER 0.5 at the crossing
+    eer, _ = equal_error_rate([0.9, 0.6, 0.7, 0.1], [True, True, False, False])
+    assert eer == pytest.approx(0.5)
+
+
+def test_eer_exact_and_interpolated():
+    # desc: .9P .8P .75N .7P .3N .2P .1N .05N -> FNR and FPR meet at 0.25 on a ROC point
+    s = [0.9, 0.8, 0.7, 0.2, 0.75, 0.3, 0.1, 0.05]
+    y = [True] * 4 + [False] * 4
+    assert equal_error_rate(s, y)[0] == pytest.approx(0.25)
+    # desc: .9P .7N .6N .5P .1N: FNR-FPR goes from +1/6 (FPR 1/3) to -1/6 (FPR 2/3): crossing at FPR 0.5
+    eer, t = equal_error_rate([0.9, 0.5, 0.7, 0.6, 0.1], [True, True, False, False, False])
+    assert eer == pytest.approx(0.5)
+    assert 0.6 > t > 0.5 or t == pytest.approx(0.65)
+
+
+def test_tar_at_far_hand_case():
+    neg = [0.9, 0.5, 0.4, 0.1]
+    pos = [0.95, 0.6, 0.5, 0.3]
+    s = pos + neg
+    y = [True] * 4 + [False] * 4
+    out = tar_at_far(s, y, 0.25)  # one false accept allowed -> threshold at the 2nd highest negative (0.5)
+    assert out["threshold"] == pytest.approx(0.5)
+    assert out["tar"] == pytest.approx(0.5)
+    assert out["achieved_far"] == pytest.approx(0.25)
+    out = tar_at_far(s, y, 0.5)  # two allowed -> threshold 0.4 -> pos above: 0.95, 0.6, 0.5
+    assert out["tar"] == pytest.approx(0.75)
+
+
+def test_tar_unmeasurable_far_is_stated_not_faked():
+    out = tar_at_far([0.9, 0.1, 0.2], [True, False, False], 1e-3)
+    assert out["tar"] is None
+    assert "not measurable with 2 negative pairs" in out["note"]
+    # exactly measurable: 1000 negatives, FAR 1e-3 allows one
+    rng = np.random.default_rng(0)
+    neg = rng.random(1000)
+    out = tar_at_far(np.r_[np.ones(5) * 2, neg], np.r_[np.ones(5, bool), np.zeros(1000, bool)], 1e-3)
+    assert out["tar"] == 1.0 and out["achieved_far"] == pytest.approx(1e-3)
+
+
+def test_verification_metrics_bundle_and_labels():
+    rng = np.random.default_rng(1)
+    s = np.r_[rng.normal(1, 0.3, 100), rng.normal(0, 0.3, 100)]
+    y = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+    m = verification_metrics(s, y)
+    assert m["n_folds"] == 10 and m["folds_from"] == "contiguous"
+    assert 0.9 < m["accuracy_mean"] <= 1.0 and 0.9 < m["auc"] <= 1.0
+    assert set(m["tar_at_far"]) == {"1e-2", "1e-3"}
+    assert m["tar_at_far"]["1e-3"]["tar"] is None
+    assert far_label(1e-3) == "1e-3" and far_label(0.05) == "0.05"
+    with pytest.raises(DataError):
+        verification_metrics([0.1, np.nan], [True, False])
+
+
+def test_cosine_scores():
+    a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    b = np.array([[2.0, 0.0], [-1.0, -1.0]])
+    assert np.allclose(cosine_scores(a, b), [1.0, -1.0])
