@@ -8,11 +8,12 @@ sees other processes' commits). For very large galleries an optional FAISS inner
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,10 @@ class Gallery:
         self._recognizer = recognizer
         self.use_faiss = use_faiss
         self._lock = threading.RLock()
+        self._cache: tuple | None = None
+        self._seen_version: tuple[int, int] | None = None
+        self._own_changes = 0
+        self._faiss = None
         try:
             self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
                                          check_same_thread=False)
@@ -89,9 +94,6 @@ class Gallery:
             self._init_schema()
         except sqlite3.DatabaseError as exc:
             raise DataError(f"{self.path}: not a usable gallery database ({exc})") from None
-        self._cache: tuple | None = None
-        self._seen_version: tuple[int, int] | None = None
-        self._own_changes = 0
 
     # ------------------------------------------------------------------ schema and transactions
     def _init_schema(self) -> None:
@@ -104,30 +106,19 @@ class Gallery:
             elif row[0] != SCHEMA_VERSION:
                 raise DataError(f"{self.path}: gallery schema version {row[0]}, this fromface reads {SCHEMA_VERSION}")
 
-    def _write(self):
-        """Context manager: ``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any error), under the thread lock."""
-        gallery = self
-
-        class _Tx:
-            def __enter__(self):
-                gallery._lock.acquire()
-                try:
-                    gallery._conn.execute("BEGIN IMMEDIATE")
-                except BaseException:
-                    gallery._lock.release()
-                    raise
-                return gallery._conn
-
-            def __exit__(self, exc_type, exc, tb):
-                try:
-                    gallery._conn.execute("ROLLBACK" if exc_type else "COMMIT")
-                    if exc_type is None:
-                        gallery._own_changes += 1
-                finally:
-                    gallery._lock.release()
-                return False
-
-        return _Tx()
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any error) under the thread lock: one writer at a
+        time across processes, and a crash before COMMIT leaves nothing behind."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            self._own_changes += 1
 
     def close(self) -> None:
         with self._lock:
@@ -298,7 +289,7 @@ class Gallery:
                 if self.use_faiss is True:
                     raise ConfigError("use_faiss=True needs the faiss package (pip install faiss-cpu)") from None
                 return mat @ query
-            if getattr(self, "_faiss", None) is None:
+            if self._faiss is None:
                 self._faiss = faiss.IndexFlatIP(mat.shape[1])
                 self._faiss.add(mat)
             dist, idx = self._faiss.search(query[None], len(mat))
