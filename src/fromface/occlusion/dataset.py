@@ -53,11 +53,13 @@ def template_landmarks(template: str, size: tuple[int, int]) -> np.ndarray | Non
 
 def to_tensor(image: np.ndarray, preprocess) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> normalised float (3, H, W) tensor in the model's channel order."""
-    x = image.astype(np.float32) / 255.0
-    x = (x - np.asarray(preprocess.mean, dtype=np.float32)) / np.asarray(preprocess.std, dtype=np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float32).view(3, 1, 1)
+    x = x.sub_(mean).div_(std)
     if getattr(preprocess, "channel_order", "RGB").upper() == "BGR":
-        x = x[:, :, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        x = x.flip(0)
+    return x.contiguous()
 
 
 class OccludedFaceDataset(Dataset):

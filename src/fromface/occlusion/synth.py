@@ -63,6 +63,7 @@ PRESETS: dict[str, Preset] = {
     "face": Preset("face", "face"),
     "face-train": Preset("face-train", "face", clean_prob=1 / 3, coverage=(0.10, 0.50)),
 }
+PRESETS["from"] = dataclasses.replace(PRESETS["paper"], name="from")  # alias used by the training config
 
 
 @dataclass
@@ -177,16 +178,27 @@ def _warped_alpha(occ: Occluder, size: tuple[int, int], m: np.ndarray) -> np.nda
 
 
 def _blend(out: np.ndarray, roi: tuple[int, int, int, int], rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Alpha-blend into ``out`` in place; pixels with alpha 0 are left byte-identical. Returns the mask."""
+    """Alpha-blend into ``out`` in place; returns the (H, W) mask ``alpha > 0``.
+
+    Integer arithmetic over the whole region: (rgb*a + img*(255-a) + 127) // 255 is exactly ``img``
+    where a = 0 and exactly ``rgb`` where a = 255, so pixels outside the alpha stay byte-identical.
+    """
     x0, y0, x1, y1 = roi
     region = out[y0:y1, x0:x1]
-    inside = alpha > 0
-    a = alpha[inside].astype(np.uint32)[:, None]
-    mixed = (rgb[inside].astype(np.uint32) * a + region[inside].astype(np.uint32) * (255 - a) + 127) // 255
-    region[inside] = mixed.astype(np.uint8)
+    a = alpha.astype(np.uint16)[:, :, None]
+    mixed = (rgb.astype(np.uint16) * a + region.astype(np.uint16) * (255 - a) + 127) // 255
+    region[...] = mixed.astype(np.uint8)
     mask = np.zeros(out.shape[:2], dtype=bool)
-    mask[y0:y1, x0:x1] = inside
+    mask[y0:y1, x0:x1] = alpha > 0
     return mask
+
+
+def _bbox(mask: np.ndarray) -> list[int]:
+    """[x0, y0, x1, y1] (exclusive) of a boolean mask, zeros when empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return [0, 0, 0, 0]
+    return [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
 
 
 def _coverage(mask_roi: np.ndarray, roi: tuple[int, int, int, int], frame: tuple[int, int, int, int]) -> float:
@@ -236,8 +248,7 @@ class Synthesizer:
             mask, info = self._paste_face(out, occ, rng, frame, lms)
         fx0, fy0, fx1, fy1 = frame
         covered = float(np.count_nonzero(mask[fy0:fy1, fx0:fx1])) / float((fx1 - fx0) * (fy1 - fy0))
-        ys, xs = np.nonzero(mask)
-        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else [0, 0, 0, 0]
+        box = _bbox(mask)
         record.update(clean=False, occluder=occ.file, category=occ.category, kind=occ.kind, box=box, **info,
                       covered_fraction=round(covered, 6))
         label = self._label(mask, frame, out.shape, grid) if grid else None
