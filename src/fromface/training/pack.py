@@ -150,7 +150,8 @@ def _finish_pack(tmp: Path, array: np.ndarray, faces: FaceList, kept: list[int],
         small = np.lib.format.open_memmap(tmp / "images.small.npy", mode="w+", dtype=np.uint8,
                                           shape=(len(kept),) + array.shape[1:])
         for start in range(0, len(kept), 1024):
-            small[start:start + 1024] = array[start:start + 1024]
+            stop = min(start + 1024, len(kept))
+            small[start:stop] = array[start:stop]
         small.flush()
         del small
         os.replace(tmp / "images.small.npy", tmp / "images.npy")

@@ -118,6 +118,10 @@ class Trainer:
         if len(self.split.val_rows) and cfg.data.val_pairs > 0:
             self.val_pairs = make_pairs(self.split.val_rows, self.split.val_labels, cfg.data.val_pairs, cfg.seed)
         self.occluder = build_occluder(cfg, p)
+        selectable = ["val_acc"] + (["val_occ_acc", "val_mean"] if self.occluder and cfg.occlusion.val else [])
+        if cfg.eval.select not in selectable:
+            raise ConfigError(f"eval.select={cfg.eval.select!r} is not computed by this config; choose from "
+                              f"{selectable} (occlusion metrics need occlusion.enabled and occlusion.val)")
         self.dataset = TrainFaces(self.source, self.split.train_rows, self.split.train_labels, p, cfg.seed,
                                   cfg.data.flip, self.occluder, cfg.occlusion.clean_prob, self.grid)
         world = self.rt.world_size

@@ -1,0 +1,284 @@
+"""End-to-end trainer tests on CPU with a tiny FROM model and a generated identity folder (seconds, no data)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fromface.errors import ConfigError, DataError
+from fromface.training import checkpoint as ckpt_io
+from fromface.training.config import config_from_dict
+from fromface.training.data import EpochBatches, make_pairs, split_by_identity
+from fromface.training.optim import lr_factor
+from fromface.training.pack import PackedFaces, open_faces, pack_folder, scan_identity_folder
+from fromface.training.trainer import Trainer
+
+TINY = "test_tiny_ir"
+
+
+def register_tiny() -> None:
+    """A 3-stage iResNet at 32x32 (a few thousand parameters) and its FROM variant, for fast CPU tests."""
+    from fromface.models import Preprocess, get_spec, register_from_variant, register_model
+    from fromface.models.iresnet import IResNet, Recognizer
+
+    try:
+        get_spec(TINY)
+        return
+    except ConfigError:
+        pass
+
+    @register_model(TINY, Preprocess(template="arcface112", size=(32, 32)), "tiny test net")
+    def tiny(embedding_dim: int = 16) -> Recognizer:
+        return Recognizer(IResNet((1, 1, 1), (8, 16, 16)), (32, 32), embedding_dim)
+
+    register_from_variant(TINY)
+
+
+def make_faces(root: Path, identities: int = 8, per_id: int = 5, size: int = 40, seed: int = 0) -> Path:
+    """Random-ish images: each identity is a smooth colour field plus per-image noise."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    for i in range(identities):
+        base = cv2.resize(rng.integers(0, 256, (4, 4, 3)).astype(np.uint8), (size, size))
+        folder = root / f"person_{i:02d}"
+        folder.mkdir(parents=True)
+        for j in range(per_id):
+            img = np.clip(base.astype(int) + rng.integers(-25, 26, base.shape), 0, 255).astype(np.uint8)
+            cv2.imwrite(str(folder / f"{j}.png"), img)
+    return root
+
+
+def tiny_config(data: Path, out: Path, **sections) -> object:
+    cfg = {
+        "name": "tiny", "output_dir": str(out), "seed": 3, "threads": 1,
+        "model": {"name": f"from_{TINY}", "kwargs": {"grid": 3}},
+        "data": {"train": str(data), "val_identities": 2, "val_pairs": 20, "batch_size": 6},
+        "occlusion": {"enabled": True},
+        "optim": {"lr": 0.05, "clip_grad_norm": 10.0},
+        "schedule": {"epochs": 3, "max_steps": 6, "kind": "step", "milestones": [1], "warmup_epochs": 0.5},
+        "checkpoint": {"every_steps": 3, "every_epochs": 0, "keep_last": 5},
+        "eval": {"every_epochs": 1, "select": "val_mean"},
+        "log": {"every_steps": 1, "progress": False, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return config_from_dict(cfg)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> Path:
+    register_tiny()
+    return make_faces(tmp_path_factory.mktemp("faces") / "train")
+
+
+def test_losses_finite_and_decrease_on_repeated_batch(faces, tmp_path):
+    trainer = Trainer(tiny_config(faces, tmp_path), progress=False)
+    batch = next(iter(trainer.loader(0, 0)))
+    assert batch[0].shape == (6, 3, 32, 32)
+    trainer.set_train_mode()
+    history = [trainer.train_step(*batch) for _ in range(8)]
+    assert all(np.isfinite(h[k]) for h in history for k in h)
+    assert {"margin", "pattern", "total"} <= set(history[0])
+    assert history[-1]["total"] < history[0]["total"]
+    assert history[-1]["margin"] < history[0]["margin"]
+    assert trainer.step == 8
+
+
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def test_checkpoint_and_exact_resume(faces, tmp_path):
+    full = Trainer(tiny_config(faces, tmp_path / "full"), progress=False)
+    # 34 training images / batch 6 -> 5 steps per epoch: the resumed run crosses an epoch boundary mid-way
+    assert full.steps_per_epoch == 5
+    summary = full.fit()
+    assert summary["step"] == 6
+    ckpts = ckpt_io.step_checkpoints(tmp_path / "full" / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_00000003.pt", "step_00000006.pt"]
+    assert (tmp_path / "full" / "checkpoints" / "config.yaml").is_file()
+    assert (tmp_path / "full" / "checkpoints" / "best.pt").is_file()
+    mid = ckpt_io.read_checkpoint(ckpts[0])
+    for key in ("model_name", "model_kwargs", "state_dict", "config", "step", "epoch", "optimizer", "scheduler",
+                "rng", "best_metric"):
+        assert key in mid
+    assert mid["step"] == 3 and mid["epoch"] == 0 and mid["batch_in_epoch"] == 3
+
+    resumed = Trainer(tiny_config(faces, tmp_path / "resumed"), resume=str(ckpts[0]), progress=False)
+    assert resumed.step == 3
+    assert resumed.scheduler.last_epoch == 3
+    resumed.fit()
+    end_full = ckpt_io.read_checkpoint(ckpts[1])
+    end_resumed = ckpt_io.read_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_00000006.pt")
+    assert end_resumed["step"] == 6 and end_resumed["epoch"] == 1
+    a, b = _tensors(end_full["state_dict"]), _tensors(end_resumed["state_dict"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    mom_a = [s["momentum_buffer"] for s in end_full["optimizer"]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in end_resumed["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
+    assert torch.equal(end_full["rng"]["torch"], end_resumed["rng"]["torch"])
+
+
+def _ddp_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    register_tiny()
+    cfg = tiny_config(Path(data), Path(out), schedule={"max_steps": 3}, checkpoint={"every_steps": 2})
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.rt.backend == "gloo" and trainer.rt.world_size == world
+    try:
+        trainer.fit()
+        params = {n: p.detach().clone() for n, p in trainer.task.named_parameters()}
+        torch.save({"params": params, "step": trainer.step}, Path(out) / f"rank{rank}.pt")
+    finally:
+        trainer.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_ranks_end_identical(faces, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(faces), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["step"] == r1["step"] == 3
+    start = Trainer(tiny_config(faces, tmp_path / "fresh"), progress=False).task.state_dict()
+    changed = 0
+    for name, value in r0["params"].items():
+        assert torch.equal(value, r1["params"][name]), name
+        changed += not torch.equal(value, start[name])
+    assert changed > 0  # the ranks trained (identically), they did not just keep the initial weights
+    assert ckpt_io.read_checkpoint(tmp_path / "checkpoints" / "step_00000003.pt")["world_size"] == 2
+
+
+def test_pack_round_trip_and_training_from_pack(faces, tmp_path):
+    src = tmp_path / "src"
+    make_faces(src, identities=4, per_id=3, seed=1)
+    (src / "person_00" / "broken.jpg").write_bytes(b"not an image")
+    pack = PackedFaces(pack_folder(src, tmp_path / "pack", (32, 32), progress=False))
+    assert pack.images.shape == (12, 32, 32, 3) and pack.images.dtype == np.uint8
+    assert len(pack.skipped) == 1 and "broken.jpg" in pack.skipped[0][0]
+    assert pack.identities == [f"person_{i:02d}" for i in range(4)]
+    assert np.bincount(pack.labels).tolist() == [3, 3, 3, 3]
+    folder = open_faces(src, "folder", (32, 32), "arcface112")
+    assert np.array_equal(folder.image(1), pack.image(1)) or folder.files[1].name == "broken.jpg"
+    assert open_faces(tmp_path / "pack", "auto", (32, 32), "arcface112").__class__ is PackedFaces
+    with pytest.raises(DataError, match="64x64"):
+        open_faces(tmp_path / "pack", "auto", (64, 64), "arcface112")
+    packed = pack_folder(faces, tmp_path / "train_pack", (32, 32), progress=False)
+    trainer = Trainer(tiny_config(packed, tmp_path / "run", schedule={"max_steps": 2}), progress=False)
+    assert trainer.fit()["step"] == 2
+
+
+def test_bad_datasets_give_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        scan_identity_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no identity sub-folders"):
+        scan_identity_folder(tmp_path / "empty")
+    loose = tmp_path / "loose"
+    make_faces(loose, identities=1, per_id=2)
+    for p in (loose / "person_00").iterdir():
+        p.rename(loose / p.name)
+    with pytest.raises(DataError, match="directly in it"):
+        scan_identity_folder(loose)
+    bad_pack = tmp_path / "bad_pack"
+    bad_pack.mkdir()
+    (bad_pack / "index.json").write_text("{not json")
+    np.save(bad_pack / "images.npy", np.zeros((1, 2, 2, 3), np.uint8))
+    with pytest.raises(DataError, match="index.json: not valid JSON"):
+        PackedFaces(bad_pack)
+
+
+def test_checkpoint_of_another_architecture_is_refused(faces, tmp_path):
+    from fromface.models import create_model
+
+    other = create_model("iresnet18")
+    foreign = tmp_path / "foreign.pt"
+    ckpt_io.atomic_save({"model_name": "iresnet18", "model_kwargs": {}, "state_dict": other.state_dict()}, foreign)
+    cfg = tiny_config(faces, tmp_path / "run")
+    with pytest.raises(ConfigError, match="resume needs the same model"):
+        Trainer(cfg, resume=str(foreign), progress=False)
+    with pytest.raises(ConfigError, match="another architecture"):
+        Trainer(tiny_config(faces, tmp_path / "run2", model={"init": str(foreign)}), progress=False)
+    with pytest.raises(ConfigError, match="not a fromface checkpoint"):
+        torch.save({"weights": 1}, tmp_path / "x.pt")
+        ckpt_io.read_checkpoint(tmp_path / "x.pt")
+
+
+def test_baseline_initialises_its_from_variant_and_freeze_groups(faces, tmp_path):
+    base = Trainer(tiny_config(faces, tmp_path / "base", model={"name": TINY, "kwargs": {}},
+                               occlusion={"enabled": False}, schedule={"max_steps": 1},
+                               eval={"select": "val_acc"}), progress=False)
+    base.fit()
+    last = ckpt_io.step_checkpoints(tmp_path / "base" / "checkpoints")[-1]
+    cfg = tiny_config(faces, tmp_path / "from", model={"init": str(last)},
+                      optim={"groups": [{"prefix": "backbone.", "freeze": True}, {"prefix": "head.", "lr_mult": 0.1}]})
+    trainer = Trainer(cfg, progress=False)
+    for name, value in ckpt_io.read_checkpoint(last)["state_dict"].items():
+        assert torch.equal(trainer.model.state_dict()[name], value), name
+    assert not any(p.requires_grad for p in trainer.model.backbone.parameters())
+    mults = sorted(g["lr_mult"] for g in trainer.optimizer.param_groups)
+    assert mults[0] == pytest.approx(0.1) and mults[-1] == 1.0
+    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    trainer.fit()
+    for k, v in trainer.model.backbone.state_dict().items():  # weights and BN statistics untouched
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        Trainer(tiny_config(faces, tmp_path / "x", optim={"groups": [{"prefix": "trunk."}]}), progress=False)
+
+
+def test_schedules_split_sampler_and_pairs():
+    from fromface.training.config import ScheduleConfig
+
+    step = ScheduleConfig(epochs=40, kind="step", milestones=[10, 25], gamma=0.1, warmup_epochs=1, warmup_start=0.0)
+    assert lr_factor(0, 100, 4000, step) == 0.0
+    assert lr_factor(50, 100, 4000, step) == pytest.approx(0.5)
+    assert lr_factor(999, 100, 4000, step) == 1.0
+    assert lr_factor(1000, 100, 4000, step) == pytest.approx(0.1)
+    assert lr_factor(2500, 100, 4000, step) == pytest.approx(0.01)
+    cos = ScheduleConfig(epochs=10, kind="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, 10, 100, cos) == pytest.approx(1.0)
+    assert lr_factor(50, 10, 100, cos) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, cos) == pytest.approx(0.1)
+
+    labels = np.repeat(np.arange(20), 3)
+    split = split_by_identity(labels, 0.2, seed=0)
+    assert not set(labels[split.train_rows]) & set(split.val_labels)
+    assert split.num_classes == 16 and sorted(set(split.train_labels)) == list(range(16))
+    pairs = make_pairs(split.val_rows, split.val_labels, 20, seed=0)
+    assert len(pairs) == 20 and pairs[:, 2].sum() == 10
+    capped = make_pairs(split.val_rows, split.val_labels, 30, seed=0)  # only 4 x 3 distinct positives exist
+    assert len(capped) == 24 and capped[:, 2].sum() == 12
+    assert all((labels[a] == labels[b]) == bool(s) for a, b, s in pairs)
+
+    full = [i for batch in EpochBatches(60, 12, 0, 1, 0, 2) for i, _ in batch]
+    ranks = [[i for batch in EpochBatches(60, 12, r, 2, 0, 2) for i, _ in batch] for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(full) and not set(ranks[0]) & set(ranks[1])
+    assert [b for b in EpochBatches(60, 12, 0, 1, 0, 2, start=3)] == list(EpochBatches(60, 12, 0, 1, 0, 2))[3:]
+    with pytest.raises(ConfigError, match="divisible"):
+        EpochBatches(60, 12, 0, 5, 0, 0)
+
+
+def test_cli_train_print_config_and_errors(faces, tmp_path, capsys):
+    from fromface.cli.main import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    assert main(["train", str(config), "optim.lr=0.5", f"data.train={faces}", "--print-config"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out
+    assert main(["train", str(config), "optim.lrr=0.5"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+    assert main(["train", str(config), f"data.train={tmp_path}/nothing"]) == 2
+    assert "training folder not found" in capsys.readouterr().err
