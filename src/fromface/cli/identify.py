@@ -1,0 +1,52 @@
+"""``fromface identify IMAGE --db gallery.db``: the closest enrolled identities to the face in a photo."""
+
+from __future__ import annotations
+
+import argparse
+
+from fromface.cli.verify import add_recognizer_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("identify", help="who is this? search an enrolled gallery",
+                       description="Find the enrolled identities closest to the face in IMAGE (exact cosine search).")
+    p.add_argument("image", help="photo to identify")
+    p.add_argument("--db", required=True, help="gallery database (made by `fromface enroll`)")
+    p.add_argument("--top", type=int, default=5, help="number of identities to list (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_recognizer_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fromface.errors import DataError
+    from fromface.inference.gallery import Gallery
+
+    if not Path(args.db).is_file():
+        raise DataError(f"{args.db}: gallery not found (create it with `fromface enroll ... --db {args.db}`)")
+    with Gallery(args.db) as gallery:
+        if args.model is None:
+            args.model = gallery.meta().get("model")
+        from fromface.cli.verify import recognizer_from_args
+
+        gallery._recognizer = recognizer_from_args(args)
+        face = gallery.recognizer.embed(args.image)[0]
+        matches = gallery.identify(face, top_k=args.top)
+        size = len(gallery)
+    if args.json:
+        print(json.dumps({"image": args.image, "gallery_templates": size, "occluded": face.occluded,
+                          "visible_fraction": face.visible_fraction, "matches": [m.to_dict() for m in matches]},
+                         indent=2))
+        return 0
+    if not matches:
+        print(f"{args.db} is empty: enrol people first")
+        return 0
+    best = matches[0]
+    print(f"{args.image}: {'looks like ' + best.name if best.same else 'no enrolled identity matches'} "
+          f"(best score {best.score:.4f}, threshold {best.threshold:.4f}, {best.condition})")
+    for rank, m in enumerate(matches, 1):
+        print(f"  {rank}. {m.name:<30} {m.score:.4f} {'match' if m.same else ''}")
+    return 0

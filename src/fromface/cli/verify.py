@@ -1,0 +1,76 @@
+"""``fromface verify A B``: same person or not, with the score, the threshold and why, and the occlusion seen.
+
+Also holds the recognizer options shared by the other product commands (enroll, identify, embed, serve).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_recognizer_args(p: argparse.ArgumentParser, select: str = "largest") -> None:
+    """Options that choose and configure the FaceRecognizer."""
+    p.add_argument("--model", default=None,
+                   help="registered model name, training checkpoint (.pt) or exported .onnx (default model)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="inference engine (default torch)")
+    p.add_argument("--select", choices=("largest", "central", "single"), default=select,
+                   help=f"which face of a photo to use; 'single' refuses photos with several faces (default {select})")
+    p.add_argument("--fallback", action="store_true",
+                   help="centre-crop photos where no face is detected (for photos already cropped to one face)")
+    p.add_argument("--threshold", type=float, default=None, help="cosine threshold overriding the calibrated one")
+
+
+def recognizer_from_args(args: argparse.Namespace):
+    from fromface.inference.recognizer import FaceRecognizer
+
+    return FaceRecognizer(args.model, backend=args.backend, select=args.select, fallback=args.fallback,
+                          threshold=args.threshold)
+
+
+def describe_face(label: str, face) -> str:
+    """One line on what the model saw of a face."""
+    where = f"{label}: {face.source} face at {[round(float(v)) for v in face.box]} ({face.method})"
+    if face.visible_fraction is None:
+        return where + ", model gives no occlusion estimate"
+    state = "occluded" if face.occluded else "clean"
+    return (f"{where}, {state}: pattern {face.pattern} (p={face.pattern_probability:.2f}), "
+            f"visible {face.visible_fraction:.0%}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="are two photos the same person?",
+                       description="Compare the faces of two photos; print the verdict, cosine score, the threshold "
+                       "used and the calibration condition (clean/occluded) it came from.")
+    p.add_argument("a", help="first image")
+    p.add_argument("b", help="second image")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--show", metavar="OUT.png", default=None,
+                   help="write a picture: both faces, their occlusion heat maps and the verdict")
+    add_recognizer_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    recognizer = recognizer_from_args(args)
+    result = recognizer.verify(args.a, args.b)
+    if args.show:
+        from fromface.inference.drawing import save_verification
+
+        save_verification(result, args.show)
+    if args.json:
+        out = result.to_dict()
+        out["model"] = recognizer.model_name
+        if args.show:
+            out["picture"] = args.show
+        print(json.dumps(out, indent=2))
+    else:
+        verdict = "same person" if result.same else "different people"
+        print(f"{verdict}: score {result.score:.4f} {'>=' if result.same else '<'} threshold {result.threshold:.4f} "
+              f"({result.condition}; {result.reason}; model {recognizer.model_name})")
+        for label, face in zip(("A", "B"), result.faces):
+            print("  " + describe_face(label, face))
+        if args.show:
+            print(f"  picture written to {args.show}")
+    return 0
