@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fromface.errors import ConfigError
+from fromface.inference.alignment import TEMPLATES, AlignmentTemplate, register_template
 from fromface.models.backbones import Backbone
 from fromface.models.outputs import FaceOutput
 from fromface.models.registry import Preprocess, register_model
@@ -35,6 +36,13 @@ DLIB_FILE = "models/dlib_face_recognition_resnet_model_v1.dat"
 DLIB_MEANS = (122.782, 117.001, 104.298)  # input_rgb_image's per-channel means (RGB), pixels / 256
 DLIB_PREPROCESS = Preprocess(template="dlib150", size=(150, 150), mean=tuple(m / 255 for m in DLIB_MEANS),
                              std=(256 / 255,) * 3, channel_order="RGB")
+# Where YuNet's five landmarks (right eye, left eye, nose, mouth corners; image left to right) land in
+# dlib's 150x150 chips (get_face_chip, padding 0.25): mean over 996 LFW photos, derived by
+# tools/derive_dlib150_template.py --limit 1000 (per-point std 4-7.6 px; see docs/ports.md).
+DLIB150_POINTS = np.array([[46.4607, 45.1758], [102.5902, 45.2132], [74.2660, 77.2056], [50.5202, 101.6924],
+                           [98.5800, 102.4415]])
+if "dlib150" not in TEMPLATES:
+    register_template(AlignmentTemplate("dlib150", (150, 150), DLIB150_POINTS))
 # (channels, residual blocks, first block down-samples): dlib's alevel4 ... alevel0, input to output.
 FACE_NET_LEVELS = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
 STEM_CHANNELS, EMBEDDING_DIM, INPUT_SIZE = 32, 128, 150
