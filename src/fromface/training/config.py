@@ -152,12 +152,19 @@ def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    if not close:  # try matching the last part anywhere, e.g. "lrr" -> "optim.lr"
-        tails = {k.rsplit(".", 1)[-1]: k for k in all_keys()}
-        near = difflib.get_close_matches(key.rsplit(".", 1)[-1], tails, n=1, cutoff=0.6)
-        close = [tails[near[0]]] if near else []
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    """The error for a key the schema lacks, naming the nearest real key(s)."""
+    keys = all_keys()
+    tail = key.rsplit(".", 1)[-1]
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == tail]  # right name, wrong section
+    if not close:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # a typo in the last part anywhere, e.g. "lrr" -> "optim.lr"
+        tails: dict[str, list[str]] = {}
+        for k in keys:
+            tails.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+        near = difflib.get_close_matches(tail, tails, n=1, cutoff=0.6)
+        close = tails[near[0]] if near else []
+    hint = "; did you mean " + " or ".join(f"'{k}'" for k in close[:3]) + "?" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 

@@ -96,15 +96,19 @@ class RandomBoxOccluder:
 
 
 class SynthesizerOccluder:
-    """Adapter to ``fromface.occlusion.Synthesizer``: pastes real occluders, landmarks from the template."""
+    """Adapter to ``fromface.occlusion``'s Synthesizer: real occluders pasted on the aligned crop.
+
+    The trainer decides clean vs occluded itself (``occlusion.clean_prob``), so the preset's own clean
+    probability is set to 0; the template's landmarks, scaled to the crop, steer category-aware presets.
+    """
 
     def __init__(self, folder: str, categories: list[str] | None, preset: str, template: str | None,
                  size: tuple[int, int]):
-        try:
-            from fromface.occlusion import OccluderLibrary, Synthesizer
-        except ImportError as exc:
-            raise ConfigError(f"occlusion.occluders needs fromface.occlusion's Synthesizer ({exc})") from None
-        self.synth = Synthesizer(OccluderLibrary.from_folder(folder, categories=categories), preset=preset)
+        from fromface.occlusion.occluders import OccluderLibrary
+        from fromface.occlusion.synth import Synthesizer
+
+        self.synth = Synthesizer(OccluderLibrary.from_folder(folder, categories=categories), preset=preset,
+                                 clean_prob=0.0)
         self.landmarks = None
         if template is not None:
             from fromface.inference.alignment import get_template
@@ -112,11 +116,19 @@ class SynthesizerOccluder:
             tpl = get_template(template)
             scale = np.array([size[1] / tpl.size[1], size[0] / tpl.size[0]])
             self.landmarks = tpl.points * scale
-        self.box = np.array([0.0, 0.0, size[1], size[0]])
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        result = self.synth.occlude(image, rng, face_box=self.box, landmarks=self.landmarks)
+        result = self.synth.occlude(image, rng, landmarks=self.landmarks)
         return np.ascontiguousarray(result.image), np.asarray(result.mask, dtype=bool)
+
+
+def pattern_label(vocab: PatternVocabulary, mask: np.ndarray) -> int:
+    """Argmax-IoU pattern of an occlusion mask (summed-area lookups, O(N), when fromface.occlusion has them)."""
+    try:
+        from fromface.occlusion.synth import box_label
+    except ImportError:  # pragma: no cover - older occlusion package
+        return int(vocab.label(mask))
+    return box_label(vocab, mask)
 
 
 def to_tensor(image: np.ndarray, mean, std, channel_order: str = "RGB") -> torch.Tensor:
@@ -153,7 +165,7 @@ class TrainFaces(torch.utils.data.Dataset):
         if self.occluder is not None and rng.random() >= self.clean_prob:
             image, mask = self.occluder(image, rng)
             if self.vocab is not None:
-                pattern = int(self.vocab.label(mask))
+                pattern = pattern_label(self.vocab, mask)
         return image, pattern
 
     def __getitem__(self, key: tuple[int, int]):

@@ -82,11 +82,10 @@ class Trainer:
         self.preprocess = self.model.preprocess
         self.grid = getattr(self.model, "grid", None)
         self._build_data()
-        if cfg.model.init:
-            init = ckpt_io.read_checkpoint(cfg.model.init)
-            ckpt_io.load_weights(self.model, init["state_dict"], cfg.model.init, strict=cfg.model.init_strict)
         loss = FromLoss(self.model.embedding_dim, self.split.num_classes, cfg.loss.margin, cfg.loss.scale,
                         cfg.loss.margin_value, cfg.loss.pattern_weight)
+        if cfg.model.init:
+            self._initialise(cfg.model.init, loss)
         self.task = TrainingTask(self.model, loss).to(self.device)
         self._build_optimisation()
         self.step = self.epoch = self.batch_in_epoch = 0
@@ -144,6 +143,14 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, self.total_steps, cfg.schedule)
         self.amp = bool(cfg.amp and self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    def _initialise(self, path: str, loss: FromLoss) -> None:
+        """Start from another run's weights (e.g. the clean baseline); its classifier too when the classes match."""
+        init = ckpt_io.read_checkpoint(path)
+        ckpt_io.load_weights(self.model, init["state_dict"], path, strict=self.cfg.model.init_strict)
+        classifier = (init.get("loss_state") or {}).get("classifier.weight")
+        if classifier is not None and classifier.shape == loss.classifier.weight.shape:
+            loss.classifier.weight.data.copy_(classifier)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -329,8 +336,9 @@ class Trainer:
         if math.isfinite(value) and (self.best_metric is None or value > self.best_metric):
             self.best_metric = value
             state = {"model_name": self.model.model_name, "model_kwargs": dict(self.cfg.model.kwargs),
-                     "state_dict": self.model.state_dict(), "config": config_to_dict(self.cfg),
-                     "step": self.step, "epoch": self.epoch, "best_metric": value, "metric": key}
+                     "state_dict": self.model.state_dict(), "loss_state": self.task.loss.state_dict(),
+                     "config": config_to_dict(self.cfg), "step": self.step, "epoch": self.epoch,
+                     "best_metric": value, "metric": key}
             ckpt_io.atomic_save(state, self.ckpt_dir / "best.pt")
 
 
