@@ -176,6 +176,40 @@ def test_fallback_box_close_to_real_lfw_landmarks(detector):
     assert abs(cx - FALLBACK_BOX[0]) < 0.05 and abs(cy - FALLBACK_BOX[1]) < 0.05 and abs(side - FALLBACK_BOX[2]) < 0.1
 
 
+class BackgroundFaceDetector:
+    """A clear face in the corner at any threshold; the (occluded) centred subject only at a low threshold."""
+
+    score_threshold = 0.6
+
+    def __init__(self, subject_score: float):
+        self.subject_score = subject_score
+
+    def detect(self, image_rgb: np.ndarray, score_threshold: float | None = None) -> list[Detection]:
+        scale = image_rgb.shape[1] / 100.0
+        pts = TEMPLATES["arcface112"].points * 0.2
+        faces = [Detection(np.array([0.0, 0.0, 22.0, 22.0]) * scale, 0.95, pts * scale)]
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        if self.subject_score >= threshold:
+            faces.append(Detection(np.array([30.0, 30.0, 70.0, 70.0]) * scale, self.subject_score, (pts + 30) * scale))
+        return faces
+
+
+def test_central_ignores_background_faces_when_subject_is_occluded():
+    image = np.zeros((100, 100, 3), np.uint8)
+    # The retry finds the occluded subject covering the centre: it wins over the clearer corner face.
+    [face] = FaceAligner("arcface112", select="central", detector=BackgroundFaceDetector(0.4)).align(image)
+    assert face.method == "retry" and np.allclose(face.box, [30, 30, 70, 70])
+    # Never found: the centre crop beats a face that is not the subject; without fallback, the nearest face.
+    unseen = BackgroundFaceDetector(0.1)
+    [face] = FaceAligner("arcface112", select="central", fallback=True, detector=unseen).align(image)
+    assert face.method == "fallback"
+    [face] = FaceAligner("arcface112", select="central", detector=unseen).align(image)
+    assert face.method == "detected" and np.allclose(face.box, [0, 0, 22, 22])
+    # "largest" keeps the first pass: no retry is needed when any face is found.
+    [face] = FaceAligner("arcface112", detector=BackgroundFaceDetector(0.4)).align(image)
+    assert face.method == "detected"
+
+
 def test_bad_selection_and_template_rejected():
     from fromface.errors import ConfigError
 

@@ -51,6 +51,12 @@ def fallback_landmarks(height: int, width: int, box: tuple[float, float, float] 
     return np.array([x1, y1, x1 + side, y1 + side]), landmarks
 
 
+def covers_centre(face: Detection, height: int, width: int) -> bool:
+    """Whether the face's box contains the image centre (true for the subject of every clean LFW photo)."""
+    x1, y1, x2, y2 = face.box
+    return bool(x1 <= width / 2.0 <= x2 and y1 <= height / 2.0 <= y2)
+
+
 def estimate_fallback_box(landmarks: list[np.ndarray], height: int, width: int) -> tuple[float, float, float]:
     """Calibrate a centre-crop box for a dataset of same-framed photos from detected landmarks (one (5, 2) array
     per photo): the median square on which arcface112's points best fit them, as :data:`FALLBACK_BOX` fractions."""
@@ -72,7 +78,8 @@ class FaceAligner:
     """Detect, choose and align faces to one template; shareable between threads.
 
     ``select``: ``"largest"`` (default), ``"central"`` (box centre nearest the image centre -- use it for
-    benchmark photos centred on the labelled face) or ``"all"``. ``fallback=True`` enables the centre crop.
+    benchmark photos centred on the labelled face) or ``"all"``. ``fallback=True`` enables the centre crop; with
+    ``"central"`` it is also used when the only faces found lie away from the centre (see :meth:`detect`).
     """
 
     def __init__(self, template: str, select: str = "largest", fallback: bool = False,
@@ -90,11 +97,22 @@ class FaceAligner:
 
     def detect(self, image_rgb: np.ndarray) -> tuple[list[Detection], str]:
         """All detections (best first) and how they were found: ``"detected"``, or ``"retry"`` when the first
-        pass found nothing (the list is then empty if the retry found nothing too)."""
-        faces = self.detector.detect(image_rgb)
-        if faces:
-            return faces, "detected"
-        return self._retry(image_rgb), "retry"
+        pass found nothing (the list is then empty if the retry found nothing too).
+
+        With ``select="central"`` a pass only counts when some face covers the image centre: on centred photos
+        an occluded subject often hides behind well-lit background faces, which must not be taken for it.
+        """
+        h, w = image_rgb.shape[:2]
+        first = self.detector.detect(image_rgb)
+        if first and self._acceptable(first, h, w):
+            return first, "detected"
+        retry = self._retry(image_rgb)
+        if retry and (self._acceptable(retry, h, w) or not first):
+            return retry, "retry"
+        return (first, "detected") if first else (retry, "retry")
+
+    def _acceptable(self, faces: list[Detection], height: int, width: int) -> bool:
+        return self.select != "central" or any(covers_centre(f, height, width) for f in faces)
 
     def _retry(self, image_rgb: np.ndarray) -> list[Detection]:
         """Lower threshold on an upscaled copy, then on a zero-padded copy (for faces that fill the frame)."""
@@ -106,12 +124,15 @@ class FaceAligner:
         work = image_rgb
         if scale != 1.0:
             work = cv2.resize(image_rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LINEAR)
-        faces = self.detector.detect(work, score_threshold=threshold)
-        if faces:
-            return [f.scaled(1.0 / scale) for f in faces]
+        upscaled = [f.scaled(1.0 / scale) for f in self.detector.detect(work, score_threshold=threshold)]
+        if upscaled and self._acceptable(upscaled, h, w):
+            return upscaled
         pad = max(h, w) // 4
         padded = cv2.copyMakeBorder(image_rgb, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        return [f.scaled(1.0, (-pad, -pad)) for f in self.detector.detect(padded, score_threshold=threshold)]
+        framed = [f.scaled(1.0, (-pad, -pad)) for f in self.detector.detect(padded, score_threshold=threshold)]
+        if framed and (self._acceptable(framed, h, w) or not upscaled):
+            return framed
+        return upscaled
 
     def choose(self, faces: list[Detection], height: int, width: int) -> list[Detection]:
         """Apply the selection rule to detections of an image of the given size."""
@@ -127,6 +148,8 @@ class FaceAligner:
         faces, method = self.detect(image_rgb)
         h, w = image_rgb.shape[:2]
         chosen = self.choose(faces, h, w)
+        if chosen and self.fallback and self.select == "central" and not covers_centre(chosen[0], h, w):
+            chosen = []  # only faces away from the centre: on a centred photo the centre crop is the better guess
         if chosen:
             return [AlignedFace(crop=warp_face(image_rgb, f.landmarks, self.template), box=f.box,
                                 landmarks=f.landmarks, score=f.score, method=method, template=self.template)
