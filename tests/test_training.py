@@ -282,3 +282,28 @@ def test_cli_train_print_config_and_errors(faces, tmp_path, capsys):
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
     assert main(["train", str(config), f"data.train={tmp_path}/nothing"]) == 2
     assert "training folder not found" in capsys.readouterr().err
+
+
+def test_consistency_term_pulls_toward_a_frozen_teacher(faces, tmp_path):
+    from fromface.models.outputs import FaceOutput
+    from fromface.training.loss import FromLoss
+
+    loss = FromLoss(4, 3, consistency_weight=0.5)
+    emb = torch.randn(5, 4)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    same = loss(FaceOutput(emb), labels, None, emb.clone())
+    assert same["consistency"].item() == pytest.approx(0.0, abs=1e-6)
+    opposite = loss(FaceOutput(emb), labels, None, -emb)
+    assert opposite["consistency"].item() == pytest.approx(2.0, abs=1e-5)
+    assert opposite["total"].item() == pytest.approx(opposite["margin"].item() + 1.0, abs=1e-4)
+    assert "consistency" not in FromLoss(4, 3)(FaceOutput(emb), labels, None, emb)
+
+    trainer = Trainer(tiny_config(faces, tmp_path, loss={"consistency_weight": 1.0}), progress=False)
+    teacher_before = {k: v.clone() for k, v in trainer.task.teacher.state_dict().items()}
+    batch = next(iter(trainer.loader(0, 0)))
+    assert len(batch) == 4 and batch[3].shape == batch[0].shape  # the clean twin of every image
+    trainer.set_train_mode()
+    parts = [trainer.train_step(*batch) for _ in range(3)]
+    assert all(np.isfinite(p["consistency"]) for p in parts) and parts[0]["consistency"] > 0
+    for k, v in trainer.task.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k  # frozen, BN statistics included

@@ -145,8 +145,8 @@ class TrainFaces(torch.utils.data.Dataset):
     """Samples are ``(image, identity, pattern_label)``; index with ``(row, epoch)`` from :class:`EpochBatches`."""
 
     def __init__(self, source, rows: np.ndarray, labels: np.ndarray, preprocess, seed: int, flip: bool = True,
-                 occluder=None, clean_prob: float = 1.0, grid: int | None = None):
-        self.source, self.rows, self.labels = source, rows, labels
+                 occluder=None, clean_prob: float = 1.0, grid: int | None = None, with_clean: bool = False):
+        self.source, self.rows, self.labels, self.with_clean = source, rows, labels, with_clean
         self.preprocess, self.seed, self.flip = preprocess, seed, flip
         self.occluder, self.clean_prob = occluder, clean_prob
         h, w = preprocess.size
@@ -155,24 +155,27 @@ class TrainFaces(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, int]:
-        """The augmented uint8 image and its occlusion-pattern label (0 = clean)."""
+    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, int, np.ndarray]:
+        """The augmented uint8 image, its occlusion-pattern label (0 = clean) and the image before occlusion."""
         rng = np.random.default_rng([self.seed, epoch, int(i)])
         image = self.source.image(int(self.rows[i]))
         if self.flip and rng.random() < 0.5:
             image = np.ascontiguousarray(image[:, ::-1])
-        pattern = 0
+        clean, pattern = image, 0
         if self.occluder is not None and rng.random() >= self.clean_prob:
             image, mask = self.occluder(image, rng)
             if self.vocab is not None:
                 pattern = pattern_label(self.vocab, mask)
-        return image, pattern
+        return image, pattern, clean
 
     def __getitem__(self, key: tuple[int, int]):
         i, epoch = key
-        image, pattern = self.sample(i, epoch)
+        image, pattern, clean = self.sample(i, epoch)
         p = self.preprocess
-        return to_tensor(image, p.mean, p.std, p.channel_order), int(self.labels[i]), pattern
+        item = (to_tensor(image, p.mean, p.std, p.channel_order), int(self.labels[i]), pattern)
+        if self.with_clean:
+            item += (to_tensor(clean, p.mean, p.std, p.channel_order),)
+        return item
 
 
 class EpochBatches(torch.utils.data.Sampler):

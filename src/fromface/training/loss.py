@@ -11,10 +11,14 @@ from fromface.models.outputs import FaceOutput
 
 
 class FromLoss(nn.Module):
-    """Margin loss on the masked embedding + ``pattern_weight`` x pattern cross-entropy.
+    """Margin loss on the masked embedding + ``pattern_weight`` x pattern cross-entropy
+    (+ ``consistency_weight`` x consistency, beyond the paper).
 
     ``forward`` returns a dict: ``margin``, ``pattern`` (when the model predicts patterns and labels
-    are given) and ``total``, so logs can show every part.
+    are given), ``consistency`` (when a weight > 0 and target embeddings are given) and ``total``, so
+    logs can show every part. The consistency term is ``1 - cos(embedding, target)``, averaged over
+    the batch: with ``target`` a frozen trunk's embedding of the same face *unoccluded*, it pulls an
+    occluded face's masked embedding back to where the clean face sits.
     """
 
     def __init__(
@@ -25,20 +29,30 @@ class FromLoss(nn.Module):
         scale: float = 30.0,
         margin_value: float = 0.35,
         pattern_weight: float = 1.0,
+        consistency_weight: float = 0.0,
     ):
         super().__init__()
         if margin not in MARGIN_HEADS:
             raise ValueError(f"margin must be one of {sorted(MARGIN_HEADS)}, got {margin!r}")
         self.classifier = MARGIN_HEADS[margin](embedding_dim, num_classes, scale, margin_value)
         self.pattern_weight = pattern_weight
+        self.consistency_weight = consistency_weight
 
     def forward(
-        self, output: FaceOutput, labels: torch.Tensor, pattern_labels: torch.Tensor | None = None
+        self,
+        output: FaceOutput,
+        labels: torch.Tensor,
+        pattern_labels: torch.Tensor | None = None,
+        target_embedding: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         losses = {"margin": F.cross_entropy(self.classifier(output.embedding, labels), labels)}
+        total = losses["margin"]
         if output.pattern_logits is not None and pattern_labels is not None and self.pattern_weight > 0:
             losses["pattern"] = F.cross_entropy(output.pattern_logits.float(), pattern_labels)
-            losses["total"] = losses["margin"] + self.pattern_weight * losses["pattern"]
-        else:
-            losses["total"] = losses["margin"]
+            total = total + self.pattern_weight * losses["pattern"]
+        if target_embedding is not None and self.consistency_weight > 0:
+            cos = F.cosine_similarity(output.embedding.float(), target_embedding.float().detach(), dim=1)
+            losses["consistency"] = (1.0 - cos).mean()
+            total = total + self.consistency_weight * losses["consistency"]
+        losses["total"] = total
         return losses

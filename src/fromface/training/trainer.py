@@ -7,6 +7,7 @@ synchronised by DDP like the rest, and every parameter takes part in every step 
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -36,14 +37,24 @@ from fromface.training.validate import PairBenchmark, validate
 
 
 class TrainingTask(nn.Module):
-    """Model + loss: ``forward(images, labels, patterns)`` returns the dict of named losses."""
+    """Model + loss (+ an optional frozen teacher): ``forward`` returns the dict of named losses.
 
-    def __init__(self, model: nn.Module, loss: FromLoss):
+    With a teacher, ``clean`` holds the unoccluded version of each image and the teacher's unmasked
+    embedding of it (``features``, or ``embedding`` for plain models) is the consistency target.
+    """
+
+    def __init__(self, model: nn.Module, loss: FromLoss, teacher: nn.Module | None = None):
         super().__init__()
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.teacher = model, loss, teacher
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.loss(self.model(images), labels, patterns)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor,
+                clean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        target = None
+        if self.teacher is not None and clean is not None:
+            with torch.no_grad():
+                out = self.teacher.eval()(clean)
+                target = out.features if out.features is not None else out.embedding
+        return self.loss(self.model(images), labels, patterns, target)
 
 
 def seed_everything(seed: int) -> None:
@@ -83,10 +94,13 @@ class Trainer:
         self.grid = getattr(self.model, "grid", None)
         self._build_data()
         loss = FromLoss(self.model.embedding_dim, self.split.num_classes, cfg.loss.margin, cfg.loss.scale,
-                        cfg.loss.margin_value, cfg.loss.pattern_weight)
+                        cfg.loss.margin_value, cfg.loss.pattern_weight, cfg.loss.consistency_weight)
         if cfg.model.init:
             self._initialise(cfg.model.init, loss)
-        self.task = TrainingTask(self.model, loss).to(self.device)
+        teacher = None
+        if cfg.loss.consistency_weight > 0:  # the starting model, frozen: its clean embeddings are the targets
+            teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.task = TrainingTask(self.model, loss, teacher).to(self.device)
         self._build_optimisation()
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_metric: float | None = None
@@ -122,7 +136,8 @@ class Trainer:
             raise ConfigError(f"eval.select={cfg.eval.select!r} is not computed by this config; choose from "
                               f"{selectable} (occlusion metrics need occlusion.enabled and occlusion.val)")
         self.dataset = TrainFaces(self.source, self.split.train_rows, self.split.train_labels, p, cfg.seed,
-                                  cfg.data.flip, self.occluder, cfg.occlusion.clean_prob, self.grid)
+                                  cfg.data.flip, self.occluder, cfg.occlusion.clean_prob, self.grid,
+                                  with_clean=cfg.loss.consistency_weight > 0)
         world = self.rt.world_size
         EpochBatches(len(self.dataset), cfg.data.batch_size, 0, world, cfg.seed, 0)  # validates sizes early
         self.steps_per_epoch = len(self.dataset) // cfg.data.batch_size
@@ -220,12 +235,14 @@ class Trainer:
             except AttributeError:
                 pass
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor) -> dict[str, float]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor,
+                   clean: torch.Tensor | None = None) -> dict[str, float]:
         """One optimiser step; returns the loss parts as floats."""
         dev = self.device
         images, labels, patterns = images.to(dev), labels.to(dev), patterns.to(dev)
+        clean = clean.to(dev) if clean is not None else None
         with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
-            losses = self.net(images, labels, patterns)
+            losses = self.net(images, labels, patterns, clean)
         total = losses["total"]
         if not torch.isfinite(total):
             raise FromfaceError(f"loss is {float(total)} at step {self.step}: lower optim.lr or set "
@@ -260,8 +277,8 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 self.set_train_mode()
-                for images, labels, patterns in self.loader(self.epoch, self.batch_in_epoch):
-                    window.append(self.train_step(images, labels, patterns))
+                for batch in self.loader(self.epoch, self.batch_in_epoch):
+                    window.append(self.train_step(*batch))
                     self.batch_in_epoch += 1
                     if self.batch_in_epoch == self.steps_per_epoch:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
