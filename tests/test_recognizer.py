@@ -197,3 +197,14 @@ def test_real_faces_detected_and_many_faces(recognizer):
         single.embed(two)
     both = FaceRecognizer(recognizer.torch_model, select="all").embed(two)
     assert len(both) == 2
+
+
+def test_top_level_exports_are_lazy():
+    import subprocess
+    import sys
+
+    code = ("import sys, fromface; assert 'torch' not in sys.modules; "
+            "from fromface import FaceRecognizer, Gallery; assert FaceRecognizer.__name__ == 'FaceRecognizer'; "
+            "assert Gallery.__name__ == 'Gallery'; assert 'torch' not in sys.modules")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {src!r}); {code}"], check=True, timeout=60)
