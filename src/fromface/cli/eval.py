@@ -111,7 +111,7 @@ def run_eval(args: argparse.Namespace) -> int:
             if far.get("note"):
                 notes.append(f"{r['name']}: {far['note']}")
     report = {
-        "command": command_line(), "cwd": str(Path.cwd()), "environment": environment(), "select": args.select,
+        "command": command_line(args), "cwd": str(Path.cwd()), "environment": environment(), "select": args.select,
         "flip": args.flip, "fallback": not args.no_fallback,
         "pairs": {"file": str(args.pairs), "root": str(args.root) if args.root else None, "format": args.format,
                   "n_pairs": len(pairs), "n_positive": n_pos, "n_negative": len(pairs) - n_pos,

@@ -172,7 +172,7 @@ def run_identification_cli(args: argparse.Namespace, embedders: list[Embedder]) 
     args.out.mkdir(parents=True, exist_ok=True)
     cache = None if args.no_cache else (args.cache or args.out / "cache")
     results = evaluate_identification(data, embedders, cache, ranks, progress=not args.quiet, workers=args.workers)
-    report = {"command": command_line(), "environment": environment(), "select": args.select,
+    report = {"command": command_line(args), "environment": environment(), "select": args.select,
               "split": {"root": str(args.root) if args.root else None, "gallery": str(args.gallery or ""),
                         "probe": str(args.probe or ""), "gallery_per_id": args.gallery_per_id, "seed": args.seed,
                         "distractors": len(data.distractors)},

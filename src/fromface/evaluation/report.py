@@ -34,10 +34,19 @@ def environment() -> dict:
     }
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The exact command, as typed (program name shortened to ``fromface``)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    return shlex.join(["fromface", *args])
+def command_line(args=None) -> str:
+    """The exact command: ``sys.argv`` when it ran this subcommand, else rebuilt from the parsed arguments."""
+    argv = sys.argv[1:]
+    if args is None or (argv and argv[0] == getattr(args, "command", None)):
+        return shlex.join(["fromface", *argv])
+    words = ["fromface", str(getattr(args, "command", "?"))]
+    for key, value in vars(args).items():
+        if key in ("command", "func") or value is None or value is False:
+            continue
+        flag = "--" + ("model" if key == "models" else key.replace("_", "-"))
+        for v in value if isinstance(value, list) else [value]:
+            words += [flag] if v is True else [flag, str(v)]
+    return shlex.join(words)
 
 
 def _clean(obj):
