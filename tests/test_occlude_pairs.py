@@ -121,3 +121,20 @@ def test_lfw_pairs_with_detector(tmp_path: Path) -> None:
     rows = list(csv.DictReader(open(out / "manifest.csv", encoding="utf-8")))
     assert len(rows) >= 5 and all(r["face"] in ("detected", "retry") for r in rows)
     assert len(read_pairs(out / "pairs.tsv")) == 6
+
+
+def test_mfr2_format_pairs(setup: dict) -> None:
+    root = setup["tmp"] / "mfr2"
+    rng = np.random.default_rng(3)
+    for name in ("Ann_Lee", "Bo_Ma"):
+        (root / name).mkdir(parents=True)
+        for j in (1, 2):
+            Image.fromarray(rng.integers(0, 255, (70, 60, 3), dtype=np.uint8)).save(root / name / f"{name}_000{j}.png")
+    (root / "pairs.txt").write_text("Ann_Lee 1 2\nAnn_Lee 1 Bo_Ma 2\n")
+    out = setup["tmp"] / "mfr2_out"
+    assert main(["occlude-pairs", "--pairs", str(root / "pairs.txt"), "--format", "mfr2", "--occluders",
+                 str(setup["occ"]), "--out", str(out), "--detector", "none"]) == 0
+    pairs = read_pairs(out / "pairs.tsv")
+    assert [p.same for p in pairs] == [True, False]
+    assert [p.path2.name for p in pairs] == ["Ann_Lee_0002.png", "Bo_Ma_0002.png"]
+    assert pairs[0].path1.resolve() == (root / "Ann_Lee" / "Ann_Lee_0001.png").resolve()
