@@ -123,6 +123,8 @@ def test_same_seed_same_bytes(occ_folder: Path, face: np.ndarray, preset: str) -
     b = [synth.occlude(face.copy(), rng_for(3, i), landmarks=LANDMARKS) for i in range(12)]
     for x, y in zip(a, b):
         assert x.image.tobytes() == y.image.tobytes() and x.record == y.record and x.pattern_label == y.pattern_label
+    seeded = synth.occlude_seeded(face, 3, 5, landmarks=LANDMARKS)
+    assert seeded.image.tobytes() == a[5].image.tobytes() and (seeded.record["seed"], seeded.record["index"]) == (3, 5)
     c = [synth.occlude(face, rng_for(4, i), landmarks=LANDMARKS) for i in range(12)]
     assert any(x.image.tobytes() != z.image.tobytes() for x, z in zip(a, c))
 

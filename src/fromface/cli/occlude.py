@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from fromface.data.pairs import Pair, read_pairs, write_pairs_tsv
     from fromface.errors import ImageError
     from fromface.occlusion.occluders import OccluderLibrary
-    from fromface.occlusion.synth import Synthesizer, rng_for
+    from fromface.occlusion.synth import Synthesizer
 
     cats = [c for item in args.categories for c in item.split(",")] if args.categories else None
     library = OccluderLibrary.from_folder(args.occluders, categories=cats)
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     for index, src in enumerate(tqdm(work, desc="occluding", unit="img", dynamic_ncols=True)):
         image = load_image(src)
         box, landmarks, how = _face_for(aligner, image)
-        result = synth.occlude(image, rng_for(args.seed, index), face_box=box, landmarks=landmarks)
+        result = synth.occlude_seeded(image, args.seed, index, face_box=box, landmarks=landmarks)
         rel = _relative_output(src, root, index)
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(result.image, cv2.COLOR_RGB2BGR))
         if not ok:

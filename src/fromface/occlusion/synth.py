@@ -1,23 +1,12 @@
 """Seeded occlusion synthesis: paste one occluder on a face and say exactly what was covered.
 
-Everything random comes from the numpy ``Generator`` the caller passes (see :func:`rng_for`), and all
-pixel work is OpenCV's fixed-point uint8 resize/warp, so the same seed gives the same bytes.
-
-Two families of presets:
-
-* ``paper`` (FROM's recipe): clean with probability 1/3, else a random centre inside the face frame
-  and a scale factor from {1.0, 1.5, ..., 5.0} times the occluder's native size, the whole rectangle
-  pasted, the mask the pasted box clipped to the image. Our occluders are up to 256 px, so "native
-  size" is defined relative to the frame: at factor 1.0 the occluder's longer side is
-  ``native_fraction`` (0.2) of the frame's shorter side. ``paper2`` fixes the factor at 2.0 (the
-  paper's Occ-LFW-2.0 setting) and never leaves a face clean.
-* ``face``: the size is the fraction of the face box the occluder covers, drawn from a coverage range
-  (20-45 %), and placement depends on the category: eyewear on the eyes, mouth masks and scarves on
-  the lower face (MaskTheFace templates fitted to anchor points derived from the five landmarks),
-  hands, cups, phones and books anywhere over the face, turned by up to 30 degrees.
-
-The face frame is the face box clipped to the image, or the whole image when no box is given (an
-aligned crop). Landmarks default to mean positions inside that frame.
+All randomness comes from the ``Generator`` the caller passes (:func:`rng_for`); pixel work is
+OpenCV's fixed-point uint8 resize/warp, so the same seed gives the same bytes. Presets: ``paper``
+(FROM's recipe: random centre, factor 1.0-5.0 x native size, whole box pasted, clean with p = 1/3;
+native size = longer side at 0.2 of the frame's shorter side), ``paper2`` (factor 2.0, never clean)
+and ``face`` (covered fraction of the face box from a range, category-aware placement, MaskTheFace
+mouth masks fitted to the landmarks). The face frame is the face box clipped to the image, or the
+whole image for an aligned crop. Details: docs/occluded-benchmarks.md.
 """
 
 from __future__ import annotations
@@ -253,6 +242,12 @@ class Synthesizer:
                       covered_fraction=round(covered, 6))
         label = self._label(mask, frame, out.shape, grid) if grid else None
         return OcclusionResult(out, mask, covered, label, record)
+
+    def occlude_seeded(self, image: ImageSource, seed: int, index: int, **kwargs) -> OcclusionResult:
+        """:meth:`occlude` with the generator of (seed, index); the record then carries both."""
+        result = self.occlude(image, rng_for(seed, index), **kwargs)
+        result.record.update(seed=int(seed), index=int(index))
+        return result
 
     def _label(self, mask: np.ndarray, frame, shape, grid: int) -> int:
         fx0, fy0, fx1, fy1 = frame
