@@ -211,6 +211,11 @@ class Synthesizer:
         self.label_size = (int(label_size[0]), int(label_size[1]))
         self._vocab: dict[tuple[int, int, int], PatternVocabulary] = {}
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_vocab"] = {}  # ~10 MB per vocabulary: rebuilt in each worker rather than pickled
+        return state
+
     def vocabulary(self, height: int, width: int, grid: int) -> PatternVocabulary:
         key = (height, width, grid)
         if key not in self._vocab:
