@@ -1,0 +1,173 @@
+"""End-to-end speed: verify and identify throughput (images/s) of fromface's PyTorch and ONNX backends beside
+face_recognition (dlib), on the same LFW photos, in one run so the ratios are comparable on a noisy machine.
+
+Each number covers decode + detect + align + embed (+ compare or gallery search). Verify: pairs from LFW's
+pairs.txt, images/s = 2 x pairs / seconds. Identify: a gallery of one photo per identity (plus random filler
+templates up to ``--gallery``) is enrolled untimed, then one probe photo per identity is identified.
+
+    .venv/bin/python benchmarks/e2e_speed.py --pairs 30 --probes 30 --threads 2 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
+
+
+def lfw_pairs(count: int) -> list[tuple[str, str]]:
+    """The first ``count`` matched and mismatched pairs (alternating) of LFW's pairs.txt."""
+    from fromface.data.pairs import read_pairs
+
+    pairs = read_pairs(DATA / "pairs.txt", root=DATA / "images", format="lfw")
+    same = [p for p in pairs if p.same][: (count + 1) // 2]
+    diff = [p for p in pairs if not p.same][: count // 2]
+    return [(str(p.path1), str(p.path2)) for p in same + diff]
+
+
+def probe_sets(count: int) -> tuple[list[str], list[str]]:
+    """(gallery photo, probe photo) of ``count`` people with at least two photos."""
+    gallery, probes = [], []
+    for person in sorted((DATA / "images").iterdir()):
+        photos = sorted(person.glob("*.jpg"))
+        if len(photos) >= 2:
+            gallery.append(str(photos[0]))
+            probes.append(str(photos[1]))
+        if len(probes) == count:
+            break
+    return gallery, probes
+
+
+def timed(fn, items, repeats: int) -> tuple[float, int]:
+    """Median seconds over ``repeats`` passes of fn over items, and failures in the last pass."""
+    runs, failures = [], 0
+    for _ in range(repeats):
+        failures = 0
+        start = time.perf_counter()
+        for item in items:
+            try:
+                fn(item)
+            except Exception:  # noqa: BLE001 - a missed face counts as a failure, not a crash
+                failures += 1
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs), failures
+
+
+def fromface_engine(backend: str, model: str | None, gallery_size: int, gallery_photos: list[str], dim_rng):
+    from fromface.inference.gallery import Gallery, Template
+    from fromface.inference.recognizer import FaceRecognizer
+
+    rec = FaceRecognizer(model, backend=backend, select="central", fallback=True)
+    folder = tempfile.mkdtemp(prefix="fromface-bench-")
+    gallery = Gallery(Path(folder) / "g.db", recognizer=rec)
+    for k, photo in enumerate(gallery_photos):
+        gallery.enroll(f"person{k:05d}", photo)
+    dim = len(gallery.matrix()[0][0])
+    filler = max(0, gallery_size - len(gallery_photos))
+    for start in range(0, filler, 1000):
+        vecs = dim_rng.standard_normal((min(1000, filler - start), dim)).astype(np.float32)
+        for j, v in enumerate(vecs):
+            gallery.enroll_templates(f"filler{start + j:06d}", [Template(v)])
+    gallery.matrix()
+    return {
+        "verify": lambda pair: rec.verify(*pair),
+        "identify": lambda photo: gallery.identify(photo, top_k=5),
+        "name": f"fromface {rec.model_name} ({backend})",
+        "templates": len(gallery),
+    }
+
+
+def face_recognition_engine(gallery_size: int, gallery_photos: list[str], dim_rng):
+    from fromface.evaluation.peers import _import_face_recognition  # handles the pkg_resources shim
+
+    fr = _import_face_recognition()
+
+    def encode(path: str) -> np.ndarray:
+        image = fr.load_image_file(path)
+        boxes = fr.face_locations(image)
+        if not boxes:
+            raise ValueError(f"{path}: no face")
+        return fr.face_encodings(image, boxes[:1])[0]
+
+    known = [encode(p) for p in gallery_photos]
+    filler = dim_rng.standard_normal((max(0, gallery_size - len(known)), 128)) * 0.1
+    matrix = np.vstack([np.stack(known), filler]) if len(filler) else np.stack(known)
+
+    def verify(pair):
+        return fr.face_distance([encode(pair[0])], encode(pair[1]))[0] <= 0.6
+
+    def identify(photo):
+        return np.argsort(fr.face_distance(matrix, encode(photo)))[:5]
+
+    return {"verify": verify, "identify": identify, "name": "face_recognition (dlib HOG + ResNet)",
+            "templates": len(matrix)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=30)
+    parser.add_argument("--probes", type=int, default=30)
+    parser.add_argument("--gallery", type=int, default=10_000, help="templates in the gallery (random filler)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default=None, help="fromface model (default: the default model)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if not (DATA / "pairs.txt").is_file():
+        print(f"needs LFW in {DATA}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import cv2
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    pairs = lfw_pairs(args.pairs)
+    gallery_photos, probes = probe_sets(args.probes)
+    rows = []
+    builders = [lambda: fromface_engine("torch", args.model, args.gallery, gallery_photos, np.random.default_rng(0)),
+                lambda: fromface_engine("onnx", args.model, args.gallery, gallery_photos, np.random.default_rng(0)),
+                lambda: face_recognition_engine(args.gallery, gallery_photos, np.random.default_rng(0))]
+    for build in builders:
+        try:
+            engine = build()
+        except Exception as exc:  # noqa: BLE001 - a missing peer or backend is reported, not fatal
+            print(f"skipped an engine: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        engine["verify"](pairs[0])  # warm-up (lazy model and detector loading)
+        t_verify, f_verify = timed(engine["verify"], pairs, args.repeats)
+        t_ident, f_ident = timed(engine["identify"], probes, args.repeats)
+        rows.append({"engine": engine["name"], "verify_img_s": 2 * len(pairs) / t_verify, "verify_failures": f_verify,
+                     "identify_img_s": len(probes) / t_ident, "identify_failures": f_ident,
+                     "gallery_templates": engine["templates"]})
+        print(f"{engine['name']}: verify {rows[-1]['verify_img_s']:.1f} img/s, identify "
+              f"{rows[-1]['identify_img_s']:.1f} img/s", file=sys.stderr)
+    base = next((r for r in rows if r["engine"].startswith("face_recognition")), None)
+    print(f"\n{len(pairs)} LFW pairs, {len(probes)} probes, gallery of {args.gallery:,} templates, "
+          f"{args.threads} threads, median of {args.repeats}; {platform.processor() or platform.machine()}\n")
+    print("| engine | verify img/s | identify img/s | vs face_recognition (verify / identify) | failures |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ratio = "-"
+        if base:
+            v, i = r["verify_img_s"] / base["verify_img_s"], r["identify_img_s"] / base["identify_img_s"]
+            ratio = f"{v:.2f}x / {i:.2f}x"
+        print(f"| {r['engine']} | {r['verify_img_s']:.1f} | {r['identify_img_s']:.1f} | {ratio} | "
+              f"{r['verify_failures']} / {r['identify_failures']} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
