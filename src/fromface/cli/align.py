@@ -78,9 +78,9 @@ def process_one(aligner, src: Path, dst: Path, rel: Path, fmt: str) -> dict:
         return _row(rel, "failed", str(exc))
     names = _output_names(rel, len(faces), aligner.select, fmt)
     (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+    options = {"quality": 95} if fmt == "jpg" else {"compress_level": 1}
     for face, name in zip(faces, names):
-        Image.fromarray(face.crop).save(dst / name, quality=95) if fmt == "jpg" else Image.fromarray(
-            face.crop).save(dst / name, compress_level=1)
+        Image.fromarray(face.crop).save(dst / name, **options)
     first = faces[0]
     row = _row(rel, first.method)
     row.update(method=first.method, score=f"{first.score:.4f}", n_faces=len(faces),
@@ -159,14 +159,17 @@ def run(args: argparse.Namespace) -> int:
     cv2.setNumThreads(1 if args.workers > 1 else 2)
     start = time.perf_counter()
     rows = list(done.values())
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=args.workers)
+    try:
         results = pool.map(lambda rel: process_one(aligner, src, dst, rel, args.format), todo)
         for row in tqdm(results, total=len(todo), desc="align", unit="img", disable=args.no_progress):
             rows.append(row)
             if len(rows) % 1000 == 0:
                 write_results(csv_path, rows)
+    finally:  # also on Ctrl-C: drop queued work, keep what is done so a re-run resumes
+        pool.shutdown(wait=True, cancel_futures=True)
+        write_results(csv_path, rows)
     elapsed = time.perf_counter() - start
-    write_results(csv_path, rows)
     counts = summarize(rows)
     rate = len(todo) / elapsed if elapsed > 0 else 0.0
     print(f"{len(rows)} images: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
