@@ -206,3 +206,36 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "unknown model 'nope'" in err and "Traceback" not in err
     assert main(["eval", "--pairs", str(tmp_path / "none.txt"), "--model", "sface", "--out", str(tmp_path)]) == 2
     assert "pair list not found" in capsys.readouterr().err
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LFW = SHARED / "lfw"
+needs_lfw = pytest.mark.skipif(not (LFW / "pairs.txt").exists(), reason="needs ../shared/data/lfw")
+
+
+@pytest.mark.data
+@needs_lfw
+def test_sface_peer_on_lfw_pairs(tmp_path):
+    from fromface.data.pairs import read_pairs
+
+    pairs = read_pairs(LFW / "pairs.txt", root=LFW / "images")
+    chosen = [pairs[0], pairs[1], pairs[300], pairs[301]]  # two same, two different
+    res = evaluate_pairs(chosen, [load_embedder("sface")], tmp_path / "cache", progress=False)[0]
+    assert res["failed_pairs"] == 0 and res["face_methods"] == {"detected": 7}  # one image is in two pairs
+    assert res["metrics"]["auc"] == 1.0
+
+
+@pytest.mark.data
+@pytest.mark.slow
+@needs_lfw
+def test_face_recognition_peer_same_person_is_closer():
+    from fromface.data.images import load_image
+
+    peer = load_embedder("face_recognition")
+    imgs = [load_image(LFW / "images" / "Abel_Pacheco" / f"Abel_Pacheco_000{i}.jpg") for i in (1, 4)]
+    imgs.append(load_image(LFW / "images" / "Dean_Barker" / "Dean_Barker_0001.jpg"))
+    out = peer.embed_batch(imgs)
+    assert [r.method for r in out] == ["detected"] * 3 and out[0].embedding.shape == (128,)
+    same = np.linalg.norm(out[0].embedding - out[1].embedding)
+    diff = np.linalg.norm(out[0].embedding - out[2].embedding)
+    assert same < 0.6 < diff  # face_recognition's own tolerance
