@@ -39,8 +39,10 @@ class AlignedFace:
     template: str
 
 
-def fallback_landmarks(height: int, width: int, box: tuple[float, float, float] = FALLBACK_BOX) -> tuple[np.ndarray,
-                                                                                                          np.ndarray]:
+BoxFractions = tuple[float, float, float]
+
+
+def fallback_landmarks(height: int, width: int, box: BoxFractions = FALLBACK_BOX) -> tuple[np.ndarray, np.ndarray]:
     """Estimated (box, landmarks) for a photo centred on one face: arcface112's points placed in a centred square."""
     cx, cy, side_frac = box
     side = side_frac * min(height, width)
@@ -57,7 +59,7 @@ def covers_centre(face: Detection, height: int, width: int) -> bool:
     return bool(x1 <= width / 2.0 <= x2 and y1 <= height / 2.0 <= y2)
 
 
-def estimate_fallback_box(landmarks: list[np.ndarray], height: int, width: int) -> tuple[float, float, float]:
+def estimate_fallback_box(landmarks: list[np.ndarray], height: int, width: int) -> BoxFractions:
     """Calibrate a centre-crop box for a dataset of same-framed photos from detected landmarks (one (5, 2) array
     per photo): the median square on which arcface112's points best fit them, as :data:`FALLBACK_BOX` fractions."""
     canonical = TEMPLATES["arcface112"]
@@ -84,7 +86,7 @@ class FaceAligner:
 
     def __init__(self, template: str, select: str = "largest", fallback: bool = False,
                  detector: FaceDetector | None = None, retry_threshold: float = 0.3, retry_scale: float = 2.0,
-                 fallback_box: tuple[float, float, float] = FALLBACK_BOX):
+                 fallback_box: BoxFractions = FALLBACK_BOX):
         self.template = get_template(template).name
         if select not in SELECTIONS:
             raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}; got {select!r}")
