@@ -129,3 +129,14 @@ def test_mobilefacenet_is_about_one_million_parameters():
     model = create_model("mobilefacenet")
     count = sum(p.numel() for p in model.parameters())
     assert 0.8e6 < count < 1.5e6
+
+
+def test_mask_init_starts_near_the_trunk():
+    torch.manual_seed(0)
+    model = create_model("from_iresnet18", grid=3, pyramid_channels=64, mask_init=0.98).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 112, 112))
+    assert torch.allclose(out.mask, torch.full_like(out.mask, 0.98), atol=0.01)
+    assert model.pyramid.smooth3.out_channels == 64
+    with pytest.raises(ConfigError, match="mask_init"):
+        create_model("from_iresnet18", mask_init=1.0)

@@ -85,6 +85,9 @@ class FROM(nn.Module):
         mask_shape: ``3d`` (one value per channel and position) or ``2d`` (shared over channels).
         mask_target: ``features`` (mask the last map) or ``embedding`` (mask the embedding).
         mask_source: ``pyramid`` (decode from P3) or ``last`` (decode from the last map only).
+        pyramid_channels: width of the pyramid and decoder (256 in the paper; less is cheaper on CPU).
+        mask_init: if set, the decoder starts by predicting this mask value everywhere (e.g. 0.98), so
+            FROM on a pretrained trunk starts out as the trunk itself.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class FROM(nn.Module):
         mask_source: MaskSource = "pyramid",
         pyramid_channels: int = 256,
         dropout: float = 0.5,
+        mask_init: float | None = None,
     ):
         super().__init__()
         for name, value, allowed in (
@@ -125,12 +129,18 @@ class FROM(nn.Module):
 
         if mask_source == "pyramid":
             self.pyramid = TopDownPyramid(c3, c4, c5, pyramid_channels)
-            self.mask_decoder = MaskDecoder(pyramid_channels, mask_channels, stride=2)
+            self.mask_decoder = MaskDecoder(pyramid_channels, mask_channels, stride=2, hidden=pyramid_channels)
         else:
             self.pyramid = None
-            self.mask_decoder = MaskDecoder(c5, mask_channels, stride=1)
+            self.mask_decoder = MaskDecoder(c5, mask_channels, stride=1, hidden=pyramid_channels)
         mask_numel = mask_channels * (h5 * w5 if mask_target == "features" else 1)
         self.pattern_head = PatternPredictor(mask_numel, num_patterns(grid), dropout)
+        if mask_init is not None:
+            if not 0.0 < mask_init < 1.0:
+                raise ConfigError(f"mask_init must lie strictly between 0 and 1, got {mask_init}")
+            last_conv = self.mask_decoder.body[-1]
+            nn.init.normal_(last_conv.weight, std=1e-3)
+            nn.init.constant_(last_conv.bias, float(torch.logit(torch.tensor(mask_init))))
 
     def predict_mask(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """The soft mask, before broadcasting: (B, C|1, H, W) for maps, (B, D) for the embedding."""
@@ -163,9 +173,12 @@ def register_from_variant(backbone: str, description: str = "") -> Callable[...,
         mask_shape: MaskShape = "3d",
         mask_target: MaskTarget = "features",
         mask_source: MaskSource = "pyramid",
+        pyramid_channels: int = 256,
+        mask_init: float | None = None,
         **backbone_kwargs,
     ) -> FROM:
-        return FROM(spec.builder(**backbone_kwargs), grid, mask_shape, mask_target, mask_source)
+        recognizer = spec.builder(**backbone_kwargs)
+        return FROM(recognizer, grid, mask_shape, mask_target, mask_source, pyramid_channels, mask_init=mask_init)
 
     text = description or f"FROM (mask decoder + pattern predictor) on {backbone}"
     return register_model(f"from_{backbone}", spec.preprocess, text, spec.licence)(build)
