@@ -130,7 +130,9 @@ def write_markdown(report: dict, results: list[dict], path: Path) -> Path:
              f"Date {env['date_utc']}, {env['cpu_count']} CPUs, Python {env['python']}, "
              f"fromface {env['versions'].get('fromface', '?')}. {report['pairs']['n_pairs']} pairs "
              f"({report['pairs']['n_positive']} same, {report['pairs']['n_negative']} different), "
-             f"{report['pairs']['n_images']} images; face choice: {report['select']}.", ""]
+             f"{report['pairs']['n_images']} images; face choice: {report['select']}"
+             + (f"; only the first {report['pairs']['first_folds']} folds" if report["pairs"].get("first_folds")
+                else "") + ".", ""]
     header = ["metric"] + [r["name"] for r in results]
     lines += _table(header, [[label, *cells] for label, cells in metric_rows(results)])
     lines += _group_table(results, "per_category", "occluder category")
