@@ -87,7 +87,7 @@ def test_enroll_identify(ckpt, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["gallery_templates"] == 5 and len(out["matches"]) == 2
     assert out["matches"][0]["name"] == "bob" and out["matches"][0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert main(["identify", extra, "--db", db, "--model", ckpt, "--fallback"]) == 0
+    assert main(["identify", extra, "--db", db, "--fallback"]) == 0  # the gallery remembers the checkpoint
     assert "looks like dan" in capsys.readouterr().out
 
 

@@ -107,7 +107,7 @@ def test_enroll_and_identify_images_all_or_nothing(tmp_path):
     g = Gallery(tmp_path / "g.db", recognizer=rec)
     assert g.enroll("ann", [pics[0], pics[1]]) == 2
     assert g.enroll("bob", pics[2]) == 1
-    assert g.meta() == {"dim": "512", "model": "from_mobilefacenet"}
+    assert g.meta() == {"dim": "512", "model": "from_mobilefacenet", "source": "from_mobilefacenet"}
     matches = g.identify(pics[2], top_k=2)
     assert matches[0].name == "bob" and matches[0].score == pytest.approx(1.0, abs=1e-4) and matches[0].same
     assert matches[0].threshold == 0.35 and matches[0].condition in ("clean", "occluded")

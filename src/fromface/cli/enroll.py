@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     with Gallery(args.db) as gallery:
         if args.model is None:
-            args.model = gallery.meta().get("model")
+            meta = gallery.meta()
+            args.model = meta.get("source") or meta.get("model")  # the model the gallery was enrolled with
         gallery._recognizer = recognizer_from_args(args)
         for person, files in people.items():
             try:

@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.db}: gallery not found (create it with `fromface enroll ... --db {args.db}`)")
     with Gallery(args.db) as gallery:
         if args.model is None:
-            args.model = gallery.meta().get("model")
+            meta = gallery.meta()
+            args.model = meta.get("source") or meta.get("model")  # the model the gallery was enrolled with
         from fromface.cli.verify import recognizer_from_args
 
         gallery._recognizer = recognizer_from_args(args)

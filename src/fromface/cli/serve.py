@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         from fromface.inference.gallery import Gallery
 
         with Gallery(args.db) as g:
-            args.model = g.meta().get("model")
+            meta = g.meta()
+            args.model = meta.get("source") or meta.get("model")
     recognizer = recognizer_from_args(args)
     app = create_app(recognizer, args.db, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                      max_pixels=args.max_pixels)

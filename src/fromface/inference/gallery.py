@@ -137,14 +137,15 @@ class Gallery:
         if self._recognizer is None:
             from fromface.inference.recognizer import FaceRecognizer
 
-            self._recognizer = FaceRecognizer(self.meta().get("model"))
+            meta = self.meta()
+            self._recognizer = FaceRecognizer(meta.get("source") or meta.get("model"))
         return self._recognizer
 
     def meta(self) -> dict[str, str]:
         with self._lock:
             return dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
 
-    def _check_model(self, conn: sqlite3.Connection, dim: int, model: str | None) -> None:
+    def _check_model(self, conn: sqlite3.Connection, dim: int, model: str | None, source: str | None) -> None:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if "dim" in meta and int(meta["dim"]) != dim:
             raise ConfigError(f"{self.path}: gallery holds {meta['dim']}-d templates, got {dim}-d embeddings "
@@ -154,6 +155,8 @@ class Gallery:
         conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('dim', ?)", (str(dim),))
         if model:
             conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('model', ?)", (model,))
+        if source:
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('source', ?)", (source,))
 
     # ------------------------------------------------------------------ writing
     def enroll(self, name: str, images: Any) -> int:
@@ -168,10 +171,13 @@ class Gallery:
             raise DataError(f"enrolment of {name!r}: no images given")
         faces = [found[0] for found in self.recognizer.embed(list(images))]
         templates = [Template(f.embedding, f.occluded, f.pattern, f.visible_fraction, f.source) for f in faces]
-        return self.enroll_templates(name, templates, model=self.recognizer.model_name)
+        return self.enroll_templates(name, templates, model=self.recognizer.model_name,
+                                     source=self.recognizer.model_source)
 
-    def enroll_templates(self, name: str, templates: Sequence[Template], model: str | None = None) -> int:
-        """Store ready-made templates for ``name`` in one transaction (creating the identity if new)."""
+    def enroll_templates(self, name: str, templates: Sequence[Template], model: str | None = None,
+                         source: str | None = None) -> int:
+        """Store ready-made templates for ``name`` in one transaction (creating the identity if new). ``model``
+        (name) and ``source`` (name or checkpoint path that rebuilds it) are recorded by the first enrolment."""
         name = str(name).strip()
         if not name:
             raise DataError("an identity needs a non-empty name")
@@ -188,7 +194,7 @@ class Gallery:
         if len(dims) != 1:
             raise DataError(f"enrolment of {name!r}: templates of different sizes {sorted(dims)}")
         with self._write() as conn:
-            self._check_model(conn, dims.pop(), model)
+            self._check_model(conn, dims.pop(), model, source)
             conn.execute("INSERT OR IGNORE INTO identities(name, created) VALUES (?, ?)", (name, time.time()))
             identity_id = conn.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()[0]
             for emb, t in rows:

@@ -178,6 +178,9 @@ class FaceRecognizer:
         if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
             backend, onnx_path = "onnx", model
         self.backend = backend
+        # What rebuilds this model elsewhere (stored in galleries): a file's absolute path, else the model name.
+        self.model_source = str(Path(model).resolve()) if isinstance(model, (str, os.PathLike)) and \
+            Path(model).suffix in (".pt", ".pth", ".ckpt", ".onnx") else None
         if backend == "onnx" and onnx_path is not None:
             from fromface.inference.onnx_backend import OnnxFaceModel
 
@@ -194,6 +197,7 @@ class FaceRecognizer:
                 from fromface.inference.onnx_backend import OnnxFaceModel, cached_export
 
                 self._onnx = OnnxFaceModel(cached_export(self.torch_model))
+        self.model_source = self.model_source or self.model_name
         self.tag, self.thresholds = self._pretrained_info(tag)
         from fromface.inference.faces import FaceAligner
 
