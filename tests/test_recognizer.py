@@ -208,3 +208,32 @@ def test_top_level_exports_are_lazy():
             "assert Gallery.__name__ == 'Gallery'; assert 'torch' not in sys.modules")
     src = str(Path(__file__).resolve().parents[1] / "src")
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {src!r}); {code}"], check=True, timeout=60)
+
+
+def test_pretrained_tag_weights_default_and_thresholds(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from fromface.errors import ConfigError
+    from fromface.inference.recognizer import FaceRecognizer, resolve_default_model
+    from fromface.models import create_model, get_spec
+
+    torch.manual_seed(1)
+    trained = create_model("mobilefacenet").eval()
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(weights))
+    torch.save({"model_name": "mobilefacenet", "model_kwargs": {}, "state_dict": trained.state_dict()},
+               tmp_path / "w.pt")
+    info = {"weights": str(weights), "default": True, "thresholds": {"clean": {"far1e-3": 0.5}}}
+    monkeypatch.setattr(get_spec("mobilefacenet"), "pretrained", {"v1": info})
+    assert resolve_default_model() == "mobilefacenet"  # a tag marked default takes over
+    by_name = FaceRecognizer(fallback=True, detector=NoDetector())
+    assert by_name.model_name == "mobilefacenet" and by_name.tag == "v1"
+    from_ckpt = FaceRecognizer(str(tmp_path / "w.pt"), fallback=True, detector=NoDetector())
+    img = photo(11)
+    np.testing.assert_allclose(by_name.embed(img)[0].embedding, from_ckpt.embed(img)[0].embedding, atol=1e-5)
+    v = by_name.verify(img, img)
+    assert v.threshold == 0.5 and v.reason.startswith("calibrated (v1, clean, far1e-3")
+    assert from_ckpt.verify(img, img).reason == "uncalibrated"  # a checkpoint's weights are not the tag's
+    with pytest.raises(ConfigError, match="no pretrained tag 'v9'"):
+        FaceRecognizer("mobilefacenet", tag="v9")

@@ -108,13 +108,17 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 
 
 def resolve_default_model() -> str:
-    """DEFAULT_MODEL when registered, else FALLBACK_MODEL with a loud warning that it is untrained."""
-    from fromface.models import get_spec
+    """The model ``FaceRecognizer()`` uses: a model with a pretrained tag registered with ``default=True`` (how a
+    trained default model takes over), else DEFAULT_MODEL, else FALLBACK_MODEL with a loud warning (untrained)."""
+    from fromface.models import get_spec, list_models
 
     try:
         import fromface.models.sface  # noqa: F401  (registers sface_net_face if the port is present)
     except ImportError:
         pass
+    for name in list_models():
+        if any(isinstance(info, dict) and info.get("default") for info in get_spec(name).pretrained.values()):
+            return name
     try:
         get_spec(DEFAULT_MODEL)
         return DEFAULT_MODEL
@@ -122,6 +126,38 @@ def resolve_default_model() -> str:
         warnings.warn(f"{DEFAULT_MODEL} is not available; falling back to {FALLBACK_MODEL}, which is UNTRAINED: "
                       "its embeddings and verdicts are meaningless", UserWarning, stacklevel=3)
         return FALLBACK_MODEL
+
+
+def pick_tag(pretrained: dict, tag: str | None, model: str) -> str | None:
+    """The pretrained tag to use: the one asked for, else the one marked ``default``, else the first."""
+    if tag is not None and tag not in pretrained:
+        known = ", ".join(sorted(pretrained)) or "none"
+        raise ConfigError(f"model {model!r} has no pretrained tag {tag!r}; known: {known}")
+    if tag is None:
+        tag = next((t for t, info in pretrained.items() if isinstance(info, dict) and info.get("default")), None)
+    return tag or next(iter(pretrained), None)
+
+
+def load_tag_weights(net: Any, info: dict, model: str, tag: str) -> None:
+    """Load a pretrained tag's weights when its info names them: ``weights``/``checkpoint`` is a path (safetensors
+    state dict or fromface training checkpoint) or a callable returning a state dict. Tags without one (ported
+    models that load their own weights when built) are left alone."""
+    source = info.get("weights") or info.get("checkpoint")
+    if source is None:
+        return
+    from fromface.training.checkpoint import load_weights, read_checkpoint
+
+    if callable(source):
+        state, where = source(), f"{model}:{tag}"
+    elif str(source).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        if not Path(source).is_file():
+            raise ConfigError(f"{source}: weights of {model}:{tag} not found")
+        state, where = load_file(str(source)), source
+    else:
+        state, where = read_checkpoint(source)["state_dict"], source
+    load_weights(net, state, where, strict=True)
 
 
 def lookup_threshold(thresholds: dict | None, condition: str, far: str) -> float | None:
@@ -185,10 +221,10 @@ class FaceRecognizer:
             from fromface.inference.onnx_backend import OnnxFaceModel
 
             self._onnx = OnnxFaceModel(onnx_path)
-            self.torch_model = None
+            self.torch_model, self._by_name = None, False
             self.model_name, self.preprocess, self.grid = self._onnx.model_name, self._onnx.preprocess, self._onnx.grid
         else:
-            self.torch_model = self._build_torch(model)
+            self.torch_model = self._build_torch(model, tag)
             self.model_name = getattr(self.torch_model, "model_name", type(self.torch_model).__name__)
             self.preprocess = self.torch_model.preprocess
             self.grid = getattr(self.torch_model, "grid", None)
@@ -207,13 +243,14 @@ class FaceRecognizer:
         self._vocab = None
 
     # ------------------------------------------------------------------ model loading
-    def _build_torch(self, model: Any):
+    def _build_torch(self, model: Any, tag: str | None):
         import torch
 
-        from fromface.models import create_model
+        from fromface.models import create_model, get_spec
 
         if model is None:
             model = resolve_default_model()
+        self._by_name = isinstance(model, str) and Path(model).suffix not in (".pt", ".pth", ".ckpt")
         if isinstance(model, torch.nn.Module):
             if not hasattr(model, "preprocess"):
                 raise ConfigError("a model passed as a module needs a .preprocess (build it with create_model)")
@@ -224,6 +261,10 @@ class FaceRecognizer:
             net = load_model(model)
         elif isinstance(model, str):
             net = create_model(model)
+            pretrained = get_spec(model).pretrained
+            chosen = pick_tag(pretrained, tag, model)
+            if chosen is not None:
+                load_tag_weights(net, dict(pretrained[chosen]), model, chosen)
         else:
             raise ConfigError(f"model must be a registered name, a checkpoint path or an nn.Module; got {model!r}")
         return net.to(self.device).eval()
@@ -234,14 +275,13 @@ class FaceRecognizer:
             return self._onnx.tag, self._onnx.thresholds
         from fromface.models import get_spec
 
+        if not self._by_name and tag is None:
+            return None, {}  # a checkpoint or module: a tag's thresholds were calibrated for other weights
         try:
             pretrained = get_spec(self.model_name).pretrained
         except ConfigError:
             return None, {}
-        if tag is not None and tag not in pretrained:
-            raise ConfigError(f"model {self.model_name!r} has no pretrained tag {tag!r}; "
-                              f"known: {', '.join(sorted(pretrained)) or 'none'}")
-        tag = tag or next(iter(pretrained), None)
+        tag = pick_tag(pretrained, tag, self.model_name)
         return tag, dict((pretrained.get(tag) or {}).get("thresholds") or {})
 
     # ------------------------------------------------------------------ embedding
