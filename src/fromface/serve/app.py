@@ -33,43 +33,60 @@ def create_app(recognizer: Any, gallery_path: str | os.PathLike | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_files: int = MAX_FILES):
     """Build the FastAPI app around one :class:`FaceRecognizer` and, optionally, a gallery file."""
     try:
-        from fastapi import FastAPI, File, Form, Request, UploadFile
-        from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import JSONResponse
-        from starlette.exceptions import HTTPException
+        from fastapi import FastAPI
     except ImportError:
         raise ConfigError("the REST service needs FastAPI: pip install 'fromface[serve]'") from None
-    from fromface.data.images import load_image
     from fromface.inference.gallery import Gallery
 
     app = FastAPI(title="fromface", description="Occlusion-robust face verification and identification")
     gallery = Gallery(gallery_path, recognizer=recognizer) if gallery_path is not None else None
     # Whole request bound: all files at their limit plus room for the multipart framing and form fields.
-    max_body = max_upload_bytes * max_files + 64 * 1024
+    _install_errors(app, max_body=max_upload_bytes * max_files + 64 * 1024)
+    _add_routes(app, recognizer, gallery, max_upload_bytes, max_pixels, max_files)
+    app.state.gallery = gallery
+    return app
 
-    def error(status: int, kind: str, detail: str) -> JSONResponse:
-        return JSONResponse({"error": kind, "detail": detail}, status_code=status)
+
+def _error(status: int, kind: str, detail: str):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": kind, "detail": detail}, status_code=status)
+
+
+def _install_errors(app: Any, max_body: int) -> None:
+    """JSON for every error, and a request-size check before any body is read."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(FromfaceError)
     async def _fromface_error(request: Request, exc: FromfaceError):
-        return error(_status_of(exc), type(exc).__name__, str(exc))
+        return _error(_status_of(exc), type(exc).__name__, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
-        return error(422 if "missing" not in str(exc.errors()) else 400, "BadRequest", "; ".join(parts))
+        return _error(400, "BadRequest", "; ".join(parts))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
-        return error(exc.status_code, "HTTPError", str(exc.detail))
+        return _error(exc.status_code, "HTTPError", str(exc.detail))
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body:
-            return error(413, "UploadTooLarge", f"request of {int(length):,} bytes is over the limit of "
-                         f"{max_body:,} bytes")
+            return _error(413, "UploadTooLarge", f"request of {int(length):,} bytes is over the limit of "
+                          f"{max_body:,} bytes")
         return await call_next(request)
+
+
+def _add_routes(app: Any, recognizer: Any, gallery: Any, max_upload_bytes: int, max_pixels: int,
+                max_files: int) -> None:
+    from fastapi import File, Form, UploadFile
+    from starlette.exceptions import HTTPException
+
+    from fromface.data.images import load_image
 
     def read(upload: UploadFile):
         name = upload.filename or "upload"
@@ -81,7 +98,7 @@ def create_app(recognizer: Any, gallery_path: str | os.PathLike | None = None,
         except ImageError as exc:
             raise ImageError(name, exc.problem) from None
 
-    def need_gallery() -> Gallery:
+    def need_gallery():
         if gallery is None:
             raise HTTPException(404, "no gallery configured: start the server with --db gallery.db")
         return gallery
@@ -112,12 +129,8 @@ def create_app(recognizer: Any, gallery_path: str | os.PathLike | None = None,
         g = need_gallery()
         if len(images) > max_files:
             raise HTTPException(413, f"{len(images)} files in one request; the limit is {max_files}")
-        arrays = [read(u) for u in images]
-        added = g.enroll(name, arrays)
+        added = g.enroll(name, [read(u) for u in images])
         return {"name": name, "added": added, "templates": g.counts().get(name.strip(), 0)}
-
-    app.state.gallery = gallery
-    return app
 
 
 def _named(faces: list, upload: Any):
