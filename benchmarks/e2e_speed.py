@@ -122,11 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default=None, help="fromface model (default: the default model)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--omp-wait", choices=("passive", "default"), default="passive",
+                        help="OMP_WAIT_POLICY for torch's threads: 'passive' (default) stops idle threads spinning, "
+                        "which on a shared, oversubscribed CPU made 2-thread PyTorch up to 20x slower than 1 thread")
     args = parser.parse_args(argv)
     if not (DATA / "pairs.txt").is_file():
         print(f"needs LFW in {DATA}", file=sys.stderr)
         return 2
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.omp_wait == "passive":  # must be set before torch starts its OpenMP pool
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import cv2
     import torch
 
@@ -153,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{engine['name']}: verify {rows[-1]['verify_img_s']:.1f} img/s, identify "
               f"{rows[-1]['identify_img_s']:.1f} img/s", file=sys.stderr)
     base = next((r for r in rows if r["engine"].startswith("face_recognition")), None)
+    wait = os.environ.get("OMP_WAIT_POLICY", "-")
     print(f"\n{len(pairs)} LFW pairs, {len(probes)} probes, gallery of {args.gallery:,} templates, "
-          f"{args.threads} threads, median of {args.repeats}; {platform.processor() or platform.machine()}\n")
+          f"{args.threads} threads, median of {args.repeats}, OMP_WAIT_POLICY={wait}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
     print("| engine | verify img/s | identify img/s | vs face_recognition (verify / identify) | failures |")
     print("|---|---|---|---|---|")
     for r in rows:
