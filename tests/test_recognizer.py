@@ -237,3 +237,16 @@ def test_pretrained_tag_weights_default_and_thresholds(tmp_path, monkeypatch):
     assert from_ckpt.verify(img, img).reason == "uncalibrated"  # a checkpoint's weights are not the tag's
     with pytest.raises(ConfigError, match="no pretrained tag 'v9'"):
         FaceRecognizer("mobilefacenet", tag="v9")
+
+
+def test_occluded_flag():
+    from fromface.inference.recognizer import FaceEmbedding
+
+    def face(pattern, visible):
+        return FaceEmbedding(np.ones(4, np.float32), np.zeros(4), np.zeros((5, 2)), "detected", 1.0,
+                             np.zeros((112, 112, 3), np.uint8), pattern=pattern, visible_fraction=visible)
+
+    assert face(None, None).occluded is None
+    assert face(0, 1.0).occluded is False
+    assert face(5, 0.95).occluded is True
+    assert face(0, 0.0).occluded is True  # a fully hidden face, even if the pattern head said clean

@@ -65,7 +65,8 @@ class FaceEmbedding:
         """Whether the model thinks the face is occluded; None when it has no occlusion estimate."""
         if self.pattern is None and self.visible_fraction is None:
             return None
-        return bool((self.pattern or 0) != 0 or (self.visible_fraction or 1.0) < OCCLUDED_BELOW)
+        low = self.visible_fraction is not None and self.visible_fraction < OCCLUDED_BELOW
+        return bool((self.pattern is not None and self.pattern != 0) or low)
 
     def to_dict(self, with_embedding: bool = True) -> dict[str, Any]:
         """JSON-ready view (no crop)."""
