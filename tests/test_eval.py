@@ -239,3 +239,41 @@ def test_face_recognition_peer_same_person_is_closer():
     same = np.linalg.norm(out[0].embedding - out[1].embedding)
     diff = np.linalg.norm(out[0].embedding - out[2].embedding)
     assert same < 0.6 < diff  # face_recognition's own tolerance
+
+
+def _tiny_onnx(path: Path) -> Path:
+    """A real ONNX model with fromface metadata: embedding = mean colour of the 112x112 crop."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["embedding"])],
+        "mean_colour",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    meta = {"fromface.model_name": "mean_colour", "fromface.preprocess": json.dumps(
+        {"template": "arcface112", "size": [112, 112], "mean": [0, 0, 0], "std": [1, 1, 1], "channel_order": "RGB"})}
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(model, path)
+    return path
+
+
+def test_cli_eval_onnx_model_and_first_folds(tree, tmp_path):
+    model = _tiny_onnx(tmp_path / "colour.onnx")
+    tsv = write_pairs_tsv(_pairs(tree), tmp_path / "pairs.tsv", relative_to=tmp_path)
+    out = tmp_path / "out"
+    assert main(["eval", "--pairs", str(tsv), "--model", str(model), "--out", str(out), "--quiet",
+                 "--first-folds", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    res = report["models"][0]
+    assert res["settings"]["kind"] == "fromface-onnx" and res["name"] == "colour"
+    # flat colours per identity: the mean colour separates them perfectly
+    assert res["metrics"]["accuracy_mean"] == 1.0 and res["metrics"]["auc"] == 1.0
+    assert report["pairs"]["first_folds"] == 2 and report["pairs"]["n_pairs"] == 12
+    assert main(["eval", "--pairs", str(tsv), "--model", str(model), "--out", str(out), "--quiet",
+                 "--first-folds", "7"]) == 2

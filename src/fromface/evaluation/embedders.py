@@ -65,9 +65,9 @@ def state_digest(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def _to_tensor(crops: list[np.ndarray], preprocess):
+def _to_batch(crops: list[np.ndarray], preprocess) -> np.ndarray:
+    """Aligned uint8 RGB crops -> normalised float32 N x 3 x H x W, as the model's Preprocess says."""
     import cv2
-    import torch
 
     h, w = preprocess.size
     batch = np.empty((len(crops), h, w, 3), dtype=np.float32)
@@ -79,32 +79,40 @@ def _to_tensor(crops: list[np.ndarray], preprocess):
         batch = batch[..., ::-1]
     batch = batch / 255.0
     batch = (batch - np.asarray(preprocess.mean, np.float32)) / np.asarray(preprocess.std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
-class TorchEmbedder(Embedder):
-    """A fromface network: our aligner (YuNet, retry, optional centre fallback) + the model's own preprocessing."""
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    def __init__(self, model, name: str, source: str, weights_id: str, select: str = "central",
-                 fallback: bool = True, flip: bool = False, batch_size: int = 16):
+
+class AlignedEmbedder(Embedder):
+    """A fromface network: our aligner (YuNet, retry, optional centre fallback) + the model's own preprocessing.
+
+    Subclasses implement :meth:`forward` (normalised N x 3 x H x W float32 -> N x D embeddings).
+    """
+
+    def __init__(self, preprocess, model_name: str, name: str, source: str, weights_id: str,
+                 select: str = "central", fallback: bool = True, flip: bool = False, batch_size: int = 16,
+                 kind: str = "fromface"):
         from fromface.inference.faces import FaceAligner
 
         super().__init__(name=name, source=source, batch_size=batch_size)
-        self.model = model.eval()
-        self.preprocess = model.preprocess
+        self.preprocess = preprocess
         self.flip = flip
-        self.aligner = FaceAligner(self.preprocess.template, select=select, fallback=fallback)
+        self.aligner = FaceAligner(preprocess.template, select=select, fallback=fallback)
         det = self.aligner.detector
-        self.info = {"kind": "fromface", "model": getattr(model, "model_name", name), "weights": weights_id,
-                     "preprocess": repr(self.preprocess), "select": select, "fallback": fallback, "flip": flip,
+        self.info = {"kind": kind, "model": model_name, "weights": weights_id, "preprocess": repr(preprocess),
+                     "select": select, "fallback": fallback, "flip": flip,
                      "detector": f"{type(det).__name__}({getattr(det, 'score_threshold', '?')})"}
 
-    def embed_batch(self, images: list[np.ndarray]) -> list[EmbedResult]:
-        import torch
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
+    def embed_batch(self, images: list[np.ndarray]) -> list[EmbedResult]:
         from fromface.errors import NoFaceError
 
-        crops, methods, ok = [], [], []
+        crops, methods = [], []
         for image in images:
             try:
                 face = self.aligner.align_array(image)[0]
@@ -113,26 +121,45 @@ class TorchEmbedder(Embedder):
                 continue
             crops.append(face.crop)
             methods.append(face.method)
-        out: list[EmbedResult] = []
+        vectors: list[np.ndarray] = []
         if crops:
-            x = _to_tensor(crops, self.preprocess)
-            with torch.inference_mode():
-                emb = _embedding(self.model(x))
-                if self.flip:
-                    emb = _l2(emb) + _l2(_embedding(self.model(torch.flip(x, dims=[3]))))
-            ok = list(_l2(emb).cpu().numpy().astype(np.float32))
-        it = iter(ok)
-        for method in methods:
-            out.append(EmbedResult(None if method == "failed" else next(it), method))
-        return out
+            x = _to_batch(crops, self.preprocess)
+            emb = _unit(self.forward(x))
+            if self.flip:  # flip fusion: sum of the unit embeddings of the crop and its mirror
+                emb = _unit(emb + _unit(self.forward(np.ascontiguousarray(x[..., ::-1]))))
+            vectors = list(emb.astype(np.float32))
+        it = iter(vectors)
+        return [EmbedResult(None if m == "failed" else next(it), m) for m in methods]
 
 
-def _embedding(output):
-    return output.embedding if hasattr(output, "embedding") else output
+class TorchEmbedder(AlignedEmbedder):
+    """A PyTorch fromface model (registry name or trainer checkpoint)."""
+
+    def __init__(self, model, name: str, source: str, weights_id: str, **kw):
+        self.model = model.eval()
+        super().__init__(model.preprocess, getattr(model, "model_name", name), name, source, weights_id, **kw)
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(batch))
+        emb = out.embedding if hasattr(out, "embedding") else out
+        return emb.float().cpu().numpy()
 
 
-def _l2(t):
-    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+class OnnxEmbedder(AlignedEmbedder):
+    """A model exported by ``fromface export`` (preprocessing read from the file's metadata), via onnxruntime."""
+
+    def __init__(self, path: Path, **kw):
+        from fromface.inference.onnx_backend import OnnxFaceModel
+
+        self.model = OnnxFaceModel(path)
+        super().__init__(self.model.preprocess, self.model.model_name, path.stem, str(path), _file_identity(path),
+                         kind="fromface-onnx", **kw)
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model(batch)[0], dtype=np.float32)
 
 
 def _load_checkpoint(path: Path):
@@ -163,7 +190,7 @@ def _load_checkpoint(path: Path):
 def load_embedder(spec: str, select: str = "central", fallback: bool = True, flip: bool = False,
                   batch_size: int = 16) -> Embedder:
     """Resolve ``--model``: a peer name (``sface``, ``face_recognition``, optionally ``peer:``-prefixed), a
-    trainer checkpoint (``.pt``/``.pth``) or a registered model name."""
+    trainer checkpoint (``.pt``/``.pth``), an ONNX file from ``fromface export`` or a registered model name."""
     embedder = _resolve(spec, select, fallback, flip, batch_size)
     embedder.factory = (spec, {"select": select, "fallback": fallback, "flip": flip, "batch_size": batch_size})
     return embedder
@@ -183,8 +210,9 @@ def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int
         return TorchEmbedder(model, name=path.stem, source=str(path), weights_id=_file_identity(path),
                              select=select, fallback=fallback, flip=flip, batch_size=batch_size)
     if path.suffix.lower() == ".onnx":
-        raise ConfigError(f"{path}: ONNX models are not supported by fromface eval yet; pass a checkpoint or a "
-                          "registered model name")
+        if not path.is_file():
+            raise ConfigError(f"{path}: ONNX file not found")
+        return OnnxEmbedder(path, select=select, fallback=fallback, flip=flip, batch_size=batch_size)
     from fromface.models import create_model, get_spec
 
     spec_obj = get_spec(spec)  # raises ConfigError with close matches for unknown names
