@@ -117,3 +117,19 @@ def test_embed_folder(ckpt, tmp_path, capsys):
     assert len(data["skipped"]) == 1 and data["skipped"][0].startswith("sub/c.jpg")
     assert set(data["methods"]) == {"fallback"} and (data["pattern"] >= 0).all()
     assert main(["embed", str(tmp_path / "none"), "-o", str(out), "--model", ckpt]) == 2
+
+
+@pytest.mark.data
+def test_verify_refuses_group_photo_with_select_single(ckpt, tmp_path, capsys):
+    from pathlib import Path
+
+    lfw = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "images"
+    a, b = lfw / "Aaron_Peirsol" / "Aaron_Peirsol_0001.jpg", lfw / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg"
+    if not (a.is_file() and b.is_file()):
+        pytest.skip("needs LFW in ../shared/data")
+    group = tmp_path / "group.png"
+    Image.fromarray(np.concatenate([np.asarray(Image.open(a)), np.asarray(Image.open(b))], axis=1)).save(group)
+    assert main(["verify", str(group), str(a), "--model", ckpt, "--select", "single"]) == 2
+    assert "group.png: 2 faces found" in capsys.readouterr().err
+    assert main(["verify", str(group), str(a), "--model", ckpt, "--json"]) == 0  # largest face by default
+    assert json.loads(capsys.readouterr().out)["faces"][0]["method"] == "detected"
