@@ -259,6 +259,21 @@ def test_align_cli_summary_csv_and_resume(tmp_path, capsys):
     assert Image.open(fb / "b" / "c" / "blank.png").size == (96, 112)
 
 
+@needs_lfw
+def test_align_cli_all_faces_and_pickled_aligner(tmp_path, capsys, group_photo):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(group_photo).save(src / "group.png")
+    assert main(["align", str(src), str(tmp_path / "out"), "--select", "all", "--format", "jpg", "--no-progress"]) == 0
+    assert "1 images: 1 detected" in capsys.readouterr().out
+    row = _csv(tmp_path / "out" / "align_results.csv")["group.png"]
+    assert row["n_faces"] == "3" and row["outputs"] == "group_face0.jpg;group_face1.jpg;group_face2.jpg"
+    assert all((tmp_path / "out" / f"group_face{i}.jpg").is_file() for i in range(3))
+    aligner = pickle.loads(pickle.dumps(FaceAligner("arcface112", select="central")))
+    centre = aligner.align(src / "group.png")[0].box
+    assert 300 < (centre[0] + centre[2]) / 2 < 420
+
+
 def test_align_cli_bad_source(tmp_path, capsys):
     assert main(["align", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "not a folder" in capsys.readouterr().err
