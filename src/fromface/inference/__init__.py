@@ -9,9 +9,10 @@ from fromface.inference.alignment import (
     warp_face,
 )
 from fromface.inference.detection import Detection, FaceDetector, YuNetDetector, yunet_model_path
-from fromface.inference.faces import AlignedFace, FaceAligner
+from fromface.inference.faces import FALLBACK_BOX, AlignedFace, FaceAligner, estimate_fallback_box, fallback_landmarks
 
 __all__ = [
+    "FALLBACK_BOX",
     "TEMPLATES",
     "AlignedFace",
     "AlignmentTemplate",
@@ -19,6 +20,8 @@ __all__ = [
     "FaceAligner",
     "FaceDetector",
     "YuNetDetector",
+    "estimate_fallback_box",
+    "fallback_landmarks",
     "get_template",
     "register_template",
     "similarity_transform",
