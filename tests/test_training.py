@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -172,6 +173,8 @@ def test_pack_round_trip_and_training_from_pack(faces, tmp_path):
     assert len(pack.skipped) == 1 and "broken.jpg" in pack.skipped[0][0]
     assert pack.identities == [f"person_{i:02d}" for i in range(4)]
     assert np.bincount(pack.labels).tolist() == [3, 3, 3, 3]
+    blob = pickle.dumps(pack)  # what a spawned loader worker receives: the index, not the pixels
+    assert len(blob) < pack.images.nbytes and np.array_equal(pickle.loads(blob).image(5), pack.image(5))
     folder = open_faces(src, "folder", (32, 32), "arcface112")
     assert np.array_equal(folder.image(1), pack.image(1)) or folder.files[1].name == "broken.jpg"
     assert open_faces(tmp_path / "pack", "auto", (32, 32), "arcface112").__class__ is PackedFaces

@@ -45,6 +45,8 @@ def run_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
     summary = train(config, resume=args.resume, progress=not args.no_progress)
+    if not summary["is_main"]:  # under torchrun only rank 0 reports
+        return 0
     best = summary["best_metric"]
     print(f"done: step {summary['step']}, best {config.eval.select} "
           f"{'n/a' if best is None else f'{best:.4f}'}, last checkpoint {summary['last_checkpoint']}")

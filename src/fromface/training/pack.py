@@ -209,6 +209,16 @@ class PackedFaces:
     def image(self, i: int) -> np.ndarray:
         return np.array(self.images[i])
 
+    def __getstate__(self) -> dict:
+        # Loader workers started with "spawn" would otherwise receive a pickled copy of the whole array.
+        state = dict(self.__dict__)
+        state["images"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.images = np.load(self.root / "images.npy", mmap_mode="r")
+
 
 class FolderFaces:
     """An identity folder of already aligned crops, decoded on every read (no pack needed)."""

@@ -306,7 +306,8 @@ class Trainer:
             self.log.close()
         found = ckpt_io.step_checkpoints(self.ckpt_dir)
         return {"step": self.step, "epoch": self.epoch, "best_metric": self.best_metric,
-                "last_checkpoint": str(found[-1]) if found else None, "output_dir": str(self.out)}
+                "last_checkpoint": str(found[-1]) if found else None, "output_dir": str(self.out),
+                "is_main": self.rt.is_main}
 
     def close(self) -> None:
         teardown(self.rt)
