@@ -91,6 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
         summary_lines,
         write_json,
         write_markdown,
+        write_scores,
     )
     from fromface.evaluation.verification import evaluate_pairs, read_manifest
 
@@ -123,10 +124,11 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     write_json(report, args.out / "report.json")
     write_markdown(report, results, args.out / "report.md")
+    write_scores(pairs, results, args.out / "scores.tsv")
     roc = plot_roc(results, args.out / "roc.png", title=f"ROC: {args.pairs.name}")
     for line in summary_lines(results):
         print(line)
-    print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'}" + (f", {roc}" if roc else ""))
+    print(f"wrote {args.out / 'report.json'}, report.md, scores.tsv" + (", roc.png" if roc else ""))
     return 0
 
 

@@ -178,3 +178,14 @@ def summary_lines(results: list[dict]) -> list[str]:
         out.append(f"{r['name']:<20} acc {_acc(m)}  AUC {_pct(m.get('auc'))}  EER {_pct(m.get('eer'))}  {tars}  "
                    f"failed pairs {r['failed_pairs']}  ({r['seconds']:.0f}s, {r['images_cached']} cached)")
     return out
+
+
+def write_scores(pairs: list, results: list[dict], path: Path) -> Path:
+    """Every pair's score per model (TSV), so any number in the report can be recomputed or re-thresholded."""
+    names = [r["name"] for r in results]
+    lines = ["\t".join(["path1", "path2", "same", "fold", *names])]
+    for i, p in enumerate(pairs):
+        cells = [str(p.path1), str(p.path2), "1" if p.same else "0", str(p.fold)]
+        lines.append("\t".join(cells + [f"{r['_scores'][i]:.6f}" for r in results]))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
