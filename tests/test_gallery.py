@@ -198,3 +198,24 @@ def test_faiss_optional(tmp_path):
         return
     probe = unit(rng)
     assert g.search(probe)[0].name == "x"
+
+
+def test_bulk_enrolment_exact_search(tmp_path):
+    rng = np.random.default_rng(4)
+    vecs = rng.standard_normal((20_000, 128)).astype(np.float32)
+    people = {f"p{i:05d}": [Template(v) for v in vecs[5 * i:5 * i + 5]] for i in range(4_000)}
+    g = Gallery(tmp_path / "big.db")
+    assert g.enroll_many(people) == 20_000
+    with pytest.raises(DataError, match="different sizes"):
+        g.enroll_many({"a": [Template(np.ones(128))], "b": [Template(np.ones(64))]})
+    probe = vecs[13_337] + 0.1 * rng.standard_normal(128).astype(np.float32)
+    g.matrix()  # load once
+    start = time.perf_counter()
+    top = g.search(probe, top_k=3)
+    elapsed = time.perf_counter() - start
+    unit_vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    best = (unit_vecs @ (probe / np.linalg.norm(probe))).reshape(4_000, 5).max(axis=1)
+    assert [m.name for m in top] == [f"p{i:05d}" for i in np.argsort(-best)[:3]]
+    assert top[0].name == "p02667" and top[0].score == pytest.approx(best.max(), abs=1e-5)
+    assert elapsed < 2.0, f"exact search over 20k templates took {elapsed:.2f} s"
+    g.close()

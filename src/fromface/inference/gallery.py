@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,9 +178,36 @@ class Gallery:
                          source: str | None = None) -> int:
         """Store ready-made templates for ``name`` in one transaction (creating the identity if new). ``model``
         (name) and ``source`` (name or checkpoint path that rebuilds it) are recorded by the first enrolment."""
+        return self.enroll_many({name: templates}, model, source)
+
+    def enroll_many(self, people: Mapping[str, Sequence[Template]], model: str | None = None,
+                    source: str | None = None) -> int:
+        """Store templates of many identities in ONE transaction (bulk imports); returns the templates added."""
+        prepared = [(self._clean_name(name), self._prepare(name, templates)) for name, templates in people.items()]
+        dims = {emb.size for _, rows in prepared for emb, _ in rows}
+        if len(dims) > 1:
+            raise DataError(f"enrolment: templates of different sizes {sorted(dims)}")
+        if not dims:
+            raise DataError("enrolment: no identities given")
+        with self._write() as conn:
+            self._check_model(conn, dims.pop(), model, source)
+            for name, rows in prepared:
+                conn.execute("INSERT OR IGNORE INTO identities(name, created) VALUES (?, ?)", (name, time.time()))
+                identity_id = conn.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()[0]
+                for emb, t in rows:
+                    self._insert_template(conn, identity_id, emb, t)
+        return sum(len(rows) for _, rows in prepared)
+
+    @staticmethod
+    def _clean_name(name: str) -> str:
         name = str(name).strip()
         if not name:
             raise DataError("an identity needs a non-empty name")
+        return name
+
+    @staticmethod
+    def _prepare(name: str, templates: Sequence[Template]) -> list[tuple[np.ndarray, Template]]:
+        """Unit-length float32 embeddings, refusing empty, non-finite or mixed-size ones."""
         rows = []
         for t in templates:
             emb = np.asarray(t.embedding, dtype=np.float32).ravel()
@@ -190,16 +217,9 @@ class Gallery:
             rows.append((emb / max(float(np.linalg.norm(emb)), 1e-12), t))
         if not rows:
             raise DataError(f"enrolment of {name!r}: no templates given")
-        dims = {emb.size for emb, _ in rows}
-        if len(dims) != 1:
-            raise DataError(f"enrolment of {name!r}: templates of different sizes {sorted(dims)}")
-        with self._write() as conn:
-            self._check_model(conn, dims.pop(), model, source)
-            conn.execute("INSERT OR IGNORE INTO identities(name, created) VALUES (?, ?)", (name, time.time()))
-            identity_id = conn.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()[0]
-            for emb, t in rows:
-                self._insert_template(conn, identity_id, emb, t)
-        return len(rows)
+        if len({emb.size for emb, _ in rows}) != 1:
+            raise DataError(f"enrolment of {name!r}: templates of different sizes")
+        return rows
 
     def _insert_template(self, conn: sqlite3.Connection, identity_id: int, emb: np.ndarray, t: Template) -> None:
         occluded = None if t.occluded is None else int(bool(t.occluded))
