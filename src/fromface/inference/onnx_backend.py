@@ -135,6 +135,9 @@ class OnnxFaceModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+            # Same knob as torch's OpenMP pool: idle threads sleep instead of spinning (shared, busy CPUs).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
