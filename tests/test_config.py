@@ -47,6 +47,10 @@ def test_bad_values_and_files(tmp_path):
         config_from_dict({"optim": {"lr": "fast"}})
     with pytest.raises(ConfigError, match="must be true or false"):
         config_from_dict({}, ["amp=maybe"])
+    with pytest.raises(ConfigError, match="schedule.kind' must be one of step, cosine, constant; got 'linear'"):
+        config_from_dict({}, ["schedule.kind=linear"])
+    with pytest.raises(ConfigError, match="clean_prob' must be in"):
+        config_from_dict({"occlusion": {"clean_prob": 1.5}})
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("optim.lr")
     with pytest.raises(ConfigError, match="config file not found"):

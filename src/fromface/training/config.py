@@ -230,6 +230,37 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+#: Allowed values of the string-valued choices, checked before anything heavy is built.
+CHOICES = {
+    "data.format": ("auto", "folder", "packed"),
+    "optim.name": ("sgd", "adamw"),
+    "schedule.kind": ("step", "cosine", "constant"),
+    "loss.margin": ("cosface", "arcface"),
+    "eval.select": ("val_acc", "val_occ_acc", "val_mean"),
+}
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Check choices and ranges that types alone cannot express."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    checks = [
+        ("data.batch_size", config.data.batch_size >= 1, "must be >= 1"),
+        ("schedule.epochs", config.schedule.epochs >= 1, "must be >= 1"),
+        ("occlusion.clean_prob", 0.0 <= config.occlusion.clean_prob <= 1.0, "must be in [0, 1]"),
+        ("data.val_identities", config.data.val_identities >= 0, "must be >= 0"),
+        ("checkpoint.keep_last", config.checkpoint.keep_last >= 1, "must be >= 1"),
+        ("log.every_steps", config.log.every_steps >= 1, "must be >= 1"),
+    ]
+    for key, ok, problem in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {problem}")
+    return config
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value`` -> (``a.b``, YAML-parsed value)."""
     if "=" not in text:
@@ -271,7 +302,7 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) ->
         if key not in all_keys() and not _inside_mapping(key):
             raise _unknown(key)
         _set_dotted(data, key, value)
-    return _build(TrainConfig, data)
+    return validate(_build(TrainConfig, data))
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
