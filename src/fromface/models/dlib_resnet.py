@@ -103,7 +103,7 @@ class DlibReader:
         shape = tuple(self.int() for _ in range(4))
         if min(shape) < 0:
             raise self.fail(f"negative tensor shape {shape}")
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         return np.frombuffer(self.take(4 * count), dtype="<f4").astype(np.float32).reshape(shape)
 
     def alias(self) -> tuple[int, ...]:
@@ -206,6 +206,13 @@ class DlibNetwork:
 def read_dlib_network(data: bytes, source: object = "<bytes>") -> DlibNetwork:
     """Parse a dlib ``loss_*<...<input_*>>`` network file into its layer list (no topology assumed)."""
     r = DlibReader(data, source)
+    try:
+        return _read_network(r)
+    except (ValueError, IndexError, OverflowError, MemoryError) as exc:  # inconsistent sizes inside a layer
+        raise r.fail(f"inconsistent layer data ({exc})") from None
+
+
+def _read_network(r: DlibReader) -> DlibNetwork:
     if r.int() != 1:
         raise r.fail("expected an add_loss_layer (version 1)")
     loss = r.string()

@@ -168,12 +168,13 @@ def _resolve_weights(graph) -> dict[str, np.ndarray]:
     return values
 
 
-def _check_conv(node, name: str, cin: int, cout: int, groups: int, stride: int, weight: np.ndarray) -> None:
+def _check_conv(node, name: str, cin: int, cout: int, groups: int, stride: int, weight: np.ndarray,
+                path: Path) -> None:
     a, k = _attrs(node), _kernel(name)
     got = (tuple(weight.shape), a.get("group", 1), tuple(a.get("strides", [1, 1])), tuple(a.get("pads", [0] * 4)))
     want = ((cout, cin // groups, k, k), groups, (stride, stride), (k // 2,) * 4)
     if got != want:
-        raise ConfigError(f"SFace layer {name}: graph has (shape, group, strides, pads) {got}, expected {want}")
+        raise ConfigError(f"{path}: SFace layer {name}: graph has (shape, group, strides, pads) {got}, expected {want}")
 
 
 def convert_sface_onnx(path: Path) -> dict[str, torch.Tensor]:
@@ -184,7 +185,13 @@ def convert_sface_onnx(path: Path) -> dict[str, torch.Tensor]:
         model = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - protobuf raises many types for damaged files
         raise ConfigError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})") from None
-    graph = model.graph
+    try:
+        return _state_from_graph(model.graph, path)
+    except (KeyError, ValueError, IndexError, TypeError) as exc:  # a missing or mis-shaped weight
+        raise ConfigError(f"{path}: SFace graph with inconsistent weights ({type(exc).__name__}: {exc})") from None
+
+
+def _state_from_graph(graph, path: Path) -> dict[str, torch.Tensor]:
     values = _resolve_weights(graph)
     nodes = [n for n in graph.node if n.op_type not in ("DequantizeLinear", "Reshape", "Constant")]
     ops = [n.op_type for n in nodes]
@@ -196,7 +203,10 @@ def convert_sface_onnx(path: Path) -> dict[str, torch.Tensor]:
     if (shift, scale) != (INPUT_SHIFT, INPUT_SCALE):
         raise ConfigError(f"{path}: input scaling ({shift}, {scale}) differs from ({INPUT_SHIFT}, {INPUT_SCALE})")
 
-    def bn(prefix: str, node) -> dict[str, np.ndarray]:
+    def bn(prefix: str, node, eps: float) -> dict[str, np.ndarray]:
+        if not np.isclose(_attrs(node).get("epsilon", 1e-5), eps, rtol=1e-5):
+            raise ConfigError(f"{path}: batch norm {node.output[0]} has epsilon {_attrs(node).get('epsilon')}, "
+                              f"the port uses {eps}")
         g, b, m, v = (values[n] for n in node.input[1:5])
         return {f"{prefix}.weight": g, f"{prefix}.bias": b, f"{prefix}.running_mean": m, f"{prefix}.running_var": v}
 
@@ -204,16 +214,18 @@ def convert_sface_onnx(path: Path) -> dict[str, torch.Tensor]:
     for i, (name, cin, cout, groups, stride) in enumerate(_LAYERS):
         conv, norm, act = nodes[2 + 3 * i: 5 + 3 * i]
         weight = values[conv.input[1]]
-        _check_conv(conv, name, cin, cout, groups, stride, weight)
+        _check_conv(conv, name, cin, cout, groups, stride, weight, path)
         prefix = f"backbone.layers.{name}"
         state[f"{prefix}.0.weight"] = weight
-        state.update(bn(f"{prefix}.1", norm))
+        state.update(bn(f"{prefix}.1", norm, 1e-3))
         state[f"{prefix}.2.weight"] = values[act.input[1]].reshape(-1)
     bn1, _drop, _flat, gemm, fc1 = nodes[-5:]
-    state.update(bn("head.norm_in", bn1))
+    if _attrs(gemm).get("transB") != 1 or _attrs(gemm).get("transA", 0) != 0:
+        raise ConfigError(f"{path}: the SFace Gemm must compute x @ W.T + b")
+    state.update(bn("head.norm_in", bn1, 2e-5))
     state["head.fc.weight"] = values[gemm.input[1]]
     state["head.fc.bias"] = values[gemm.input[2]]
-    state.update(bn("head.norm_out", fc1))
+    state.update(bn("head.norm_out", fc1, 2e-5))
     out = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
     for key in [k for k in out if k.endswith("running_mean")]:
         out[key.replace("running_mean", "num_batches_tracked")] = torch.tensor(0, dtype=torch.long)
