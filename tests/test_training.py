@@ -55,11 +55,11 @@ def make_faces(root: Path, identities: int = 8, per_id: int = 5, size: int = 40,
     return root
 
 
-def tiny_config(data: Path, out: Path, **sections) -> object:
+def tiny_config(train: Path, out: Path, **sections) -> object:
     cfg = {
         "name": "tiny", "output_dir": str(out), "seed": 3, "threads": 1,
         "model": {"name": f"from_{TINY}", "kwargs": {"grid": 3}},
-        "data": {"train": str(data), "val_identities": 2, "val_pairs": 20, "batch_size": 6},
+        "data": {"train": str(train), "val_identities": 2, "val_pairs": 20, "batch_size": 6},
         "occlusion": {"enabled": True},
         "optim": {"lr": 0.05, "clip_grad_norm": 10.0},
         "schedule": {"epochs": 3, "max_steps": 6, "kind": "step", "milestones": [1], "warmup_epochs": 0.5},
@@ -310,3 +310,39 @@ def test_consistency_term_pulls_toward_a_frozen_teacher(faces, tmp_path):
     assert all(np.isfinite(p["consistency"]) for p in parts) and parts[0]["consistency"] > 0
     for k, v in trainer.task.teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k]), k  # frozen, BN statistics included
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not (SHARED / "celeba299").is_dir() or not (SHARED / "occluders").is_dir()
+                    or not (SHARED / "lfw" / "pairs.txt").is_file(), reason="needs ../shared/data")
+def test_real_faces_aligned_once_real_occluders_and_lfw_report(tmp_path):
+    from fromface.training.logs import read_log
+
+    register_tiny()
+    folder = tmp_path / "celeba"
+    folder.mkdir()
+    for ident in sorted(p for p in (SHARED / "celeba299").iterdir() if p.is_dir())[:6]:
+        (folder / ident.name).symlink_to(ident, target_is_directory=True)
+    lfw = SHARED / "lfw"
+    overrides = dict(
+        data={"aligned": False, "cache_dir": str(tmp_path / "cache"), "val_identities": 2, "batch_size": 8},
+        occlusion={"occluders": str(SHARED / "occluders"), "preset": "paper"},
+        eval={"pair_sets": [{"name": "lfw", "pairs": str(lfw / "pairs.txt"), "root": str(lfw / "images"),
+                             "limit": 20}]},
+        schedule={"max_steps": 2},
+    )
+    trainer = Trainer(tiny_config(folder, tmp_path / "run", **overrides), progress=False)
+    packs = list((tmp_path / "cache").iterdir())
+    assert len(packs) == 1 and (packs[0] / "images.npy").is_file()
+    assert trainer.source.images.shape[1:] == (32, 32, 3)
+    labels = [trainer.dataset.sample(i, 0)[1] for i in range(24)]
+    assert any(label > 0 for label in labels) and 0 in labels  # real occluders and ~1/3 clean
+    trainer.fit()
+    evals = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["kind"] == "eval"]
+    assert 0.0 <= evals[-1]["lfw_acc"] <= 1.0 and "lfw_auc" in evals[-1] and "val_occ_acc" in evals[-1]
+    stamp = (packs[0] / "images.npy").stat().st_mtime_ns
+    Trainer(tiny_config(folder, tmp_path / "run2", **overrides), progress=False)  # reuses the cached pack
+    assert (packs[0] / "images.npy").stat().st_mtime_ns == stamp

@@ -102,14 +102,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class PairSetConfig:
+    name: str = "lfw"  # metrics are logged as <name>_acc and <name>_auc
+    pairs: str = ""  # any pair list fromface.data.pairs reads: LFW pairs.txt, `fromface occlude-pairs` output, MFR2
+    root: str | None = None
+    limit: int | None = None  # only N evenly spaced pairs (quick looks)
+
+
+@dataclass
 class EvalConfig:
     every_steps: int | None = None
     every_epochs: int = 1
     select: str = "val_acc"  # metric for best.pt: val_acc | val_occ_acc | val_mean
     batch_size: int = 64
-    lfw_pairs: str | None = None  # optional LFW evaluation (reported only, never used for selection)
-    lfw_root: str | None = None
-    lfw_occluded: bool = False
+    # Pair lists evaluated with the 10-fold protocol and logged, never used for selection (e.g. LFW and
+    # occluded LFW made by `fromface occlude-pairs`, where the occluders are pasted before detection).
+    pair_sets: list[PairSetConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -113,7 +113,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
         self.log = RunLog(self.out, self.rt.is_main, cfg.log.tensorboard)
-        self.benchmark = None
+        self.benchmarks: list[PairBenchmark] | None = None
         if self.rt.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.ckpt_dir / "config.yaml")
@@ -334,13 +334,11 @@ class Trainer:
             occ = self.occluder if self.cfg.occlusion.val else None
             metrics.update(validate(self.model, self.source, self.val_pairs, self.preprocess, self.device,
                                     cfg.batch_size, occ, self.cfg.seed, self.amp))
-        if cfg.lfw_pairs:
-            if self.benchmark is None:
-                self.benchmark = PairBenchmark(cfg.lfw_pairs, cfg.lfw_root, self.preprocess, self.progress)
-            metrics["lfw_acc"] = self.benchmark.evaluate(self.model, self.device, cfg.batch_size, None, self.amp)
-            if cfg.lfw_occluded and self.occluder is not None:
-                metrics["lfw_occ_acc"] = self.benchmark.evaluate(self.model, self.device, cfg.batch_size,
-                                                                 self.occluder, self.amp)
+        if self.benchmarks is None:  # aligned once, on first use
+            self.benchmarks = [PairBenchmark(s.name, s.pairs, s.root, self.preprocess, s.limit, self.progress)
+                               for s in cfg.pair_sets]
+        for bench in self.benchmarks:
+            metrics.update(bench.evaluate(self.model, self.device, cfg.batch_size, self.amp))
         if metrics:
             self._select(metrics)
             self.log.write("eval", self.step, {"epoch": self.epoch, **metrics})
