@@ -92,6 +92,7 @@ def load_converted(
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
         os.close(fd)
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"source": str(source)})
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
         os.replace(tmp, target)  # atomic: concurrent loaders never see half a file
     except OSError as exc:
         warnings.warn(f"cannot cache converted weights in {target.parent}: {exc}", stacklevel=2)
