@@ -126,6 +126,22 @@ def test_checkpoint_and_exact_resume(faces, tmp_path):
     mom_b = [s["momentum_buffer"] for s in end_resumed["optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
     assert torch.equal(end_full["rng"]["torch"], end_resumed["rng"]["torch"])
+    assert Trainer(tiny_config(faces, tmp_path / "full"), resume="auto", progress=False).step == 6
+
+    from fromface.evaluation.embedders import load_embedder  # the evaluation engineer's loader reads our format
+
+    embedder = load_embedder(str(tmp_path / "full" / "checkpoints" / "best.pt"))
+    assert embedder.model.model_name == f"from_{TINY}"
+
+
+def test_batches_do_not_depend_on_loader_workers(faces, tmp_path):
+    trainer = Trainer(tiny_config(faces, tmp_path), progress=False)
+    serial = list(trainer.loader(1, 0))
+    trainer.cfg.data.num_workers = 2
+    parallel = list(trainer.loader(1, 0))
+    assert len(serial) == len(parallel) == trainer.steps_per_epoch
+    for a, b in zip(serial, parallel):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def _ddp_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
