@@ -362,3 +362,23 @@ def test_real_faces_aligned_once_real_occluders_and_lfw_report(tmp_path):
     stamp = (packs[0] / "images.npy").stat().st_mtime_ns
     Trainer(tiny_config(folder, tmp_path / "run2", **overrides), progress=False)  # reuses the cached pack
     assert (packs[0] / "images.npy").stat().st_mtime_ns == stamp
+
+
+def test_run_log_writes_json_lines_and_optional_tensorboard(tmp_path):
+    from fromface.training import load_model  # lazy public exports resolve
+    from fromface.training.logs import RunLog, read_log
+
+    assert callable(load_model)
+    log = RunLog(tmp_path, enabled=True, tensorboard=True)
+    log.write("train", 3, {"total": 1.5, "lr": 0.1, "note": "x"})
+    log.close()
+    assert read_log(tmp_path / "log.jsonl")[0] | {"time": 0} == {"kind": "train", "step": 3, "time": 0, "total": 1.5,
+                                                                  "lr": 0.1, "note": "x"}
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert log.writer is None and not (tmp_path / "tensorboard").exists()
+    else:
+        assert any((tmp_path / "tensorboard").iterdir())
+    RunLog(tmp_path / "rank1", enabled=False).write("train", 1, {"total": 1.0})
+    assert not (tmp_path / "rank1").exists()
