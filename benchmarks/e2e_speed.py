@@ -48,19 +48,16 @@ def probe_sets(count: int) -> tuple[list[str], list[str]]:
     return gallery, probes
 
 
-def timed(fn, items, repeats: int) -> tuple[float, int]:
-    """Median seconds over ``repeats`` passes of fn over items, and failures in the last pass."""
-    runs, failures = [], 0
-    for _ in range(repeats):
-        failures = 0
-        start = time.perf_counter()
-        for item in items:
-            try:
-                fn(item)
-            except Exception:  # noqa: BLE001 - a missed face counts as a failure, not a crash
-                failures += 1
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs), failures
+def one_pass(fn, items) -> tuple[float, int]:
+    """Seconds for one pass of fn over items, and how many items failed (e.g. no face found)."""
+    failures = 0
+    start = time.perf_counter()
+    for item in items:
+        try:
+            fn(item)
+        except Exception:  # noqa: BLE001 - a missed face counts as a failure, not a crash
+            failures += 1
+    return time.perf_counter() - start, failures
 
 
 def fromface_engine(backend: str, model: str | None, gallery_size: int, gallery_photos: list[str], dim_rng):
@@ -167,24 +164,34 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(args.threads)
     pairs = lfw_pairs(args.pairs)
     gallery_photos, probes = probe_sets(args.probes)
-    rows = []
+    engines = []
     builders = [lambda: fromface_engine("torch", args.model, args.gallery, gallery_photos, np.random.default_rng(0)),
                 lambda: fromface_engine("onnx", args.model, args.gallery, gallery_photos, np.random.default_rng(0)),
                 lambda: face_recognition_engine(args.gallery, gallery_photos, np.random.default_rng(0))]
     for build in builders:
         try:
-            engine = build()
+            engines.append(build())
         except Exception as exc:  # noqa: BLE001 - a missing peer or backend is reported, not fatal
             print(f"skipped an engine: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue
-        engine["verify"](pairs[0])  # warm-up (lazy model and detector loading)
-        t_verify, f_verify = timed(engine["verify"], pairs, args.repeats)
-        t_ident, f_ident = timed(engine["identify"], probes, args.repeats)
-        rows.append({"engine": engine["name"], "verify_img_s": 2 * len(pairs) / t_verify, "verify_failures": f_verify,
-                     "identify_img_s": len(probes) / t_ident, "identify_failures": f_ident,
-                     "gallery_templates": engine["templates"]})
-        print(f"{engine['name']}: verify {rows[-1]['verify_img_s']:.1f} img/s, identify "
-              f"{rows[-1]['identify_img_s']:.1f} img/s", file=sys.stderr)
+        engines[-1]["verify"](pairs[0])  # warm-up (lazy model and detector loading)
+    # Engines take turns within each repeat, so a burst of load on the shared machine hits them alike.
+    times = {e["name"]: {"verify": [], "identify": [], "failures": (0, 0)} for e in engines}
+    for _ in range(args.repeats):
+        for e in engines:
+            t_v, f_v = one_pass(e["verify"], pairs)
+            t_i, f_i = one_pass(e["identify"], probes)
+            rec = times[e["name"]]
+            rec["verify"].append(t_v)
+            rec["identify"].append(t_i)
+            rec["failures"] = (f_v, f_i)
+    rows = []
+    for e in engines:
+        rec = times[e["name"]]
+        rows.append({"engine": e["name"], "verify_img_s": 2 * len(pairs) / statistics.median(rec["verify"]),
+                     "identify_img_s": len(probes) / statistics.median(rec["identify"]),
+                     "verify_failures": rec["failures"][0], "identify_failures": rec["failures"][1],
+                     "gallery_templates": e["templates"]})
     base = next((r for r in rows if r["engine"].startswith("face_recognition")), None)
     wait = os.environ.get("OMP_WAIT_POLICY", "-")
     print(f"\n{len(pairs)} LFW pairs, {len(probes)} probes, gallery of {args.gallery:,} templates, "
