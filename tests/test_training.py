@@ -320,12 +320,21 @@ def test_consistency_term_pulls_toward_a_frozen_teacher(faces, tmp_path):
     trainer = Trainer(tiny_config(faces, tmp_path, loss={"consistency_weight": 1.0}), progress=False)
     teacher_before = {k: v.clone() for k, v in trainer.task.teacher.state_dict().items()}
     batch = next(iter(trainer.loader(0, 0)))
-    assert len(batch) == 4 and batch[3].shape == batch[0].shape  # the clean twin of every image
+    assert len(batch) == 5 and batch[3].shape == batch[0].shape  # the clean twin of every image, and its key
     trainer.set_train_mode()
     parts = [trainer.train_step(*batch) for _ in range(3)]
     assert all(np.isfinite(p["consistency"]) for p in parts) and parts[0]["consistency"] > 0
     for k, v in trainer.task.teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k]), k  # frozen, BN statistics included
+
+    cached = Trainer(tiny_config(faces, tmp_path / "cached", loss={"consistency_weight": 1.0,
+                                                                   "consistency_cache": True}), progress=False)
+    images, labels, patterns, clean, keys = next(iter(cached.loader(0, 0)))
+    direct = cached.task.targets(clean, None)
+    first = cached.task.targets(clean, keys)
+    assert int(cached.task.cached.sum()) == len(set(keys.tolist()))
+    again = cached.task.targets(torch.zeros_like(clean), keys)  # served from the cache, not recomputed
+    assert torch.allclose(first, direct, atol=1e-5) and torch.equal(again, first)
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -155,26 +155,28 @@ class TrainFaces(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, int, np.ndarray]:
-        """The augmented uint8 image, its occlusion-pattern label (0 = clean) and the image before occlusion."""
+    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, int, np.ndarray, bool]:
+        """The augmented uint8 image, its occlusion-pattern label (0 = clean), the image before occlusion and
+        whether it was flipped."""
         rng = np.random.default_rng([self.seed, epoch, int(i)])
         image = self.source.image(int(self.rows[i]))
-        if self.flip and rng.random() < 0.5:
+        flipped = bool(self.flip and rng.random() < 0.5)
+        if flipped:
             image = np.ascontiguousarray(image[:, ::-1])
         clean, pattern = image, 0
         if self.occluder is not None and rng.random() >= self.clean_prob:
             image, mask = self.occluder(image, rng)
             if self.vocab is not None:
                 pattern = pattern_label(self.vocab, mask)
-        return image, pattern, clean
+        return image, pattern, clean, flipped
 
     def __getitem__(self, key: tuple[int, int]):
         i, epoch = key
-        image, pattern, clean = self.sample(i, epoch)
+        image, pattern, clean, flipped = self.sample(i, epoch)
         p = self.preprocess
         item = (to_tensor(image, p.mean, p.std, p.channel_order), int(self.labels[i]), pattern)
-        if self.with_clean:
-            item += (to_tensor(clean, p.mean, p.std, p.channel_order),)
+        if self.with_clean:  # the clean twin and its key (row, flip) for caching the teacher's embedding
+            item += (to_tensor(clean, p.mean, p.std, p.channel_order), 2 * int(i) + int(flipped))
         return item
 
 

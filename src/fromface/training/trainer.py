@@ -40,20 +40,41 @@ class TrainingTask(nn.Module):
     """Model + loss (+ an optional frozen teacher): ``forward`` returns the dict of named losses.
 
     With a teacher, ``clean`` holds the unoccluded version of each image and the teacher's unmasked
-    embedding of it (``features``, or ``embedding`` for plain models) is the consistency target.
+    embedding of it (``features``, or ``embedding`` for plain models) is the consistency target. With
+    ``cache_size`` the targets are kept per ``keys`` (row and flip): a frozen teacher sees the same
+    clean image every time, so each one is computed once.
     """
 
-    def __init__(self, model: nn.Module, loss: FromLoss, teacher: nn.Module | None = None):
+    def __init__(self, model: nn.Module, loss: FromLoss, teacher: nn.Module | None = None, cache_size: int = 0):
         super().__init__()
         self.model, self.loss, self.teacher = model, loss, teacher
+        self.cache_size = cache_size
+        self.cache: torch.Tensor | None = None
+        self.cached: torch.Tensor | None = None
+
+    def targets(self, clean: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+        """The frozen teacher's embeddings of the clean images (from the cache where possible)."""
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                out = self.teacher.eval()(x)
+            return (out.features if out.features is not None else out.embedding).float()
+
+        if not self.cache_size or keys is None:
+            return run(clean)
+        keys = keys.to(clean.device)
+        if self.cache is None:
+            dim = self.model.embedding_dim
+            self.cache = torch.zeros(self.cache_size, dim, device=clean.device)
+            self.cached = torch.zeros(self.cache_size, dtype=torch.bool, device=clean.device)
+        miss = ~self.cached[keys]
+        if miss.any():
+            self.cache[keys[miss]] = run(clean[miss])
+            self.cached[keys[miss]] = True
+        return self.cache[keys]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor,
-                clean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        target = None
-        if self.teacher is not None and clean is not None:
-            with torch.no_grad():
-                out = self.teacher.eval()(clean)
-                target = out.features if out.features is not None else out.embedding
+                clean: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        target = self.targets(clean, keys) if self.teacher is not None and clean is not None else None
         return self.loss(self.model(images), labels, patterns, target)
 
 
@@ -100,7 +121,8 @@ class Trainer:
         teacher = None
         if cfg.loss.consistency_weight > 0:  # the starting model, frozen: its clean embeddings are the targets
             teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.task = TrainingTask(self.model, loss, teacher).to(self.device)
+        cache = 2 * len(self.dataset) if teacher is not None and cfg.loss.consistency_cache else 0
+        self.task = TrainingTask(self.model, loss, teacher, cache).to(self.device)
         self._build_optimisation()
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_metric: float | None = None
@@ -236,13 +258,13 @@ class Trainer:
                 pass
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor,
-                   clean: torch.Tensor | None = None) -> dict[str, float]:
+                   clean: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> dict[str, float]:
         """One optimiser step; returns the loss parts as floats."""
         dev = self.device
         images, labels, patterns = images.to(dev), labels.to(dev), patterns.to(dev)
         clean = clean.to(dev) if clean is not None else None
         with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
-            losses = self.net(images, labels, patterns, clean)
+            losses = self.net(images, labels, patterns, clean, keys)
         total = losses["total"]
         if not torch.isfinite(total):
             raise FromfaceError(f"loss is {float(total)} at step {self.step}: lower optim.lr or set "
