@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,8 +251,12 @@ def cache_key(root: Path, size: tuple[int, int], template: str, fallback: bool, 
 
 def open_faces(path: str | os.PathLike, fmt: str, size: tuple[int, int], template: str, aligned: bool = True,
                fallback: bool = False, cache_dir: str | os.PathLike | None = None, min_images: int = 1,
-               progress: bool = True):
-    """The training faces at ``path``: a pack, an aligned folder, or an unaligned folder packed once into the cache."""
+               progress: bool = True, build: bool = True):
+    """The training faces at ``path``: a pack, an aligned folder, or an unaligned folder packed once into the cache.
+
+    With ``build=False`` (every rank but the main one under torchrun) a missing cache pack is waited for,
+    not written, so processes never write the same pack at once.
+    """
     path = Path(path)
     if fmt not in ("auto", "folder", "packed"):
         raise DataError(f"data.format must be auto, folder or packed; got {fmt!r}")
@@ -265,8 +270,10 @@ def open_faces(path: str | os.PathLike, fmt: str, size: tuple[int, int], templat
         return FolderFaces(path, size, min_images)
     cache = Path(cache_dir) if cache_dir else path.parent / ".fromface-cache"
     target = cache / f"{path.name}-{cache_key(path, size, template, fallback, min_images)}"
-    if not is_pack(target):
+    if not is_pack(target) and build:
         cache.mkdir(parents=True, exist_ok=True)
         pack_folder(path, target, size, template, aligned=False, fallback=fallback, min_images=min_images,
                     progress=progress)
+    while not is_pack(target):  # other ranks wait for the main one (no collective: packing can take hours)
+        time.sleep(5.0)
     return PackedFaces(target)
