@@ -42,6 +42,31 @@ def synthetic_pack(folder: Path, size: tuple[int, int], identities: int, per_id:
     return pack_folder(src, folder / "pack", size, progress=False)
 
 
+def train_flops(config: str, overrides: list[str], batch: int = 2) -> dict:
+    """FLOPs of one forward and of one training step (forward + loss + backward) per image, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fromface.models import create_model
+    from fromface.training.config import load_config
+    from fromface.training.loss import FromLoss
+
+    cfg = load_config(config, overrides)
+    model = create_model(cfg.model.name, **cfg.model.kwargs).train()
+    loss = FromLoss(model.embedding_dim, 1000, cfg.loss.margin, cfg.loss.scale, cfg.loss.margin_value,
+                    cfg.loss.pattern_weight)
+    h, w = model.preprocess.size
+    x = torch.randn(batch, 3, h, w)
+    labels = torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as fwd:
+        model.eval()(x)
+    model.train()
+    with FlopCounterMode(display=False) as step:
+        loss(model(x), labels, labels)["total"].backward()
+    return {"model": cfg.model.name, "input": [h, w],
+            "forward_gflops_per_image": round(fwd.get_total_flops() / batch / 1e9, 2),
+            "train_step_gflops_per_image": round(step.get_total_flops() / batch / 1e9, 2)}
+
+
 def measure(config: str, overrides: list[str], batch: int, steps: int, warmup: int, threads: int) -> dict:
     from fromface.models import get_spec
     from fromface.training.config import load_config
@@ -96,7 +121,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--flops", action="store_true", help="only count FLOPs per image (forward, training step)")
     args = parser.parse_args()
+    if args.flops:
+        print(json.dumps(train_flops(args.config, args.overrides)))
+        return
     r = measure(args.config, args.overrides, args.batch, args.steps, args.warmup, args.threads)
     print(json.dumps(r))
     print(f"| {r['config']} {' '.join(r['overrides'])} | {r['model']} {r['input'][0]}x{r['input'][1]} | {r['batch']} "
