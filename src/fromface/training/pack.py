@@ -233,7 +233,10 @@ class FolderFaces:
         return len(self.labels)
 
     def image(self, i: int) -> np.ndarray:
-        return load_face(self.files[i], self.size)
+        try:
+            return load_face(self.files[i], self.size)
+        except FromfaceError as exc:  # DataError survives a loader worker's re-raise (one-argument constructor)
+            raise DataError(f"{exc}; `fromface pack` the folder to skip unreadable images") from None
 
 
 def is_pack(path: str | os.PathLike) -> bool:

@@ -128,7 +128,7 @@ class Trainer:
         self.best_metric: float | None = None
         if resume:
             self._resume(resume)
-        if not resume:  # per-rank stream for dropout; a resumed run restored its own above
+        else:  # per-rank stream for dropout; a resumed run restored its own
             seed_everything(cfg.seed + 1000 * self.rt.rank)
         self.net: nn.Module = self.task
         if self.rt.distributed:
