@@ -135,6 +135,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision, CUDA only
+    channels_last: bool = False  # NHWC memory format (often faster with AMP on GPUs, 1.1-1.3x on some CPUs)
     deterministic: bool = False
     threads: int | None = None  # torch CPU threads per process
     model: ModelConfig = field(default_factory=ModelConfig)

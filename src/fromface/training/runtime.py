@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -66,7 +67,9 @@ def setup_runtime(preference: str = "auto") -> Runtime:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        # Rank 0 alone validates (and aligns pair sets once) while the others wait in the next collective:
+        # allow an hour instead of NCCL's default ten minutes.
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=60))
     return Runtime(device, rank, world, local_rank, backend)
 
 

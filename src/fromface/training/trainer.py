@@ -123,6 +123,8 @@ class Trainer:
             teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         cache = 2 * len(self.dataset) if teacher is not None and cfg.loss.consistency_cache else 0
         self.task = TrainingTask(self.model, loss, teacher, cache).to(self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.task.to(memory_format=self.memory_format)
         self._build_optimisation()
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_metric: float | None = None
@@ -262,8 +264,9 @@ class Trainer:
                    clean: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> dict[str, float]:
         """One optimiser step; returns the loss parts as floats."""
         dev = self.device
-        images, labels, patterns = images.to(dev), labels.to(dev), patterns.to(dev)
-        clean = clean.to(dev) if clean is not None else None
+        fmt = self.memory_format
+        images, labels, patterns = images.to(dev, memory_format=fmt), labels.to(dev), patterns.to(dev)
+        clean = clean.to(dev, memory_format=fmt) if clean is not None else None
         with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
             losses = self.net(images, labels, patterns, clean, keys)
         total = losses["total"]
