@@ -140,3 +140,19 @@ def test_mask_init_starts_near_the_trunk():
     assert model.pyramid.smooth3.out_channels == 64
     with pytest.raises(ConfigError, match="mask_init"):
         create_model("from_iresnet18", mask_init=1.0)
+
+
+def test_intermediate_mask_stage_runs_upper_stages_on_the_masked_map():
+    torch.manual_seed(0)
+    model = create_model("from_iresnet18", grid=3, mask_stage=2, pyramid_channels=32, mask_init=0.5).eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        out = model(x)
+        assert out.mask.shape == (2, 256, 14, 14)
+        c4 = model.backbone.forward_until(x, 2)[-1]
+        expected = model.head(model.backbone.forward_after(c4 * out.mask, 2))
+        plain = model.head(model.backbone(x)[-1])
+    torch.testing.assert_close(out.embedding, expected)
+    torch.testing.assert_close(out.features, plain)
+    with pytest.raises(ConfigError, match="fewer than three"):
+        create_model("from_iresnet18", mask_stage=1)

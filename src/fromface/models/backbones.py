@@ -11,7 +11,8 @@ class Backbone(nn.Module):
 
     Subclasses set ``stage_channels`` and implement ``forward`` (returning a list of maps, at least
     three) and ``stage_shapes`` (their (C, H, W) for an input size), so wrappers can size their
-    layers without a dry run.
+    layers without a dry run. Those that also implement ``forward_after`` (run the stages above
+    ``stage`` on a given map of that stage) can be masked at an intermediate stage by FROM.
     """
 
     stage_channels: tuple[int, ...] = ()
@@ -21,6 +22,10 @@ class Backbone(nn.Module):
 
     def stage_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:  # pragma: no cover
         raise NotImplementedError
+
+    def forward_until(self, x: torch.Tensor, stage: int) -> list[torch.Tensor]:
+        """Stage maps 0..``stage``; subclasses that can stop early override this."""
+        return self(x)[: stage + 1]
 
 
 def halve(n: int) -> int:

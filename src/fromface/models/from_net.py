@@ -83,8 +83,11 @@ class FROM(nn.Module):
             ``embedding_dim``.
         grid: K of the K x K occlusion-pattern grid (K=5 gives 226 patterns, the paper's setting).
         mask_shape: ``3d`` (one value per channel and position) or ``2d`` (shared over channels).
-        mask_target: ``features`` (mask the last map) or ``embedding`` (mask the embedding).
-        mask_source: ``pyramid`` (decode from P3) or ``last`` (decode from the last map only).
+        mask_target: ``features`` (mask a feature map) or ``embedding`` (mask the embedding).
+        mask_source: ``pyramid`` (decode from P3) or ``last`` (decode from the masked map only).
+        mask_stage: which stage map is masked (default -1: the last, as in the paper). An earlier
+            stage needs a backbone with ``forward_after``; the stages above it then run on the
+            masked map.
         pyramid_channels: width of the pyramid and decoder (256 in the paper; less is cheaper on CPU).
         mask_init: if set, the decoder starts by predicting this mask value everywhere (e.g. 0.98), so
             FROM on a pretrained trunk starts out as the trunk itself.
@@ -100,17 +103,10 @@ class FROM(nn.Module):
         pyramid_channels: int = 256,
         dropout: float = 0.5,
         mask_init: float | None = None,
+        mask_stage: int = -1,
     ):
         super().__init__()
-        for name, value, allowed in (
-            ("mask_shape", mask_shape, ("3d", "2d")),
-            ("mask_target", mask_target, ("features", "embedding")),
-            ("mask_source", mask_source, ("pyramid", "last")),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
-        if mask_target == "embedding" and mask_shape == "2d":
-            raise ConfigError("a 2-D mask applies to feature maps only; use mask_shape='3d' with the embedding")
+        _check_options(mask_shape, mask_target, mask_source)
         self.backbone = recognizer.backbone
         self.head = recognizer.head
         self.input_size = tuple(recognizer.input_size)
@@ -118,14 +114,14 @@ class FROM(nn.Module):
         self.grid, self.mask_shape, self.mask_target, self.mask_source = grid, mask_shape, mask_target, mask_source
 
         shapes = self.backbone.stage_shapes(*self.input_size)
-        if len(shapes) < 3:
-            raise ConfigError("FROM needs a backbone with at least three stages")
-        (c3, _, _), (c4, _, _), (c5, h5, w5) = shapes[-3:]
+        self.mask_stage = mask_stage % len(shapes)
+        if self.mask_stage < 2:
+            raise ConfigError(f"mask_stage {mask_stage} leaves fewer than three stage maps for the pyramid")
+        if self.mask_stage != len(shapes) - 1 and not hasattr(self.backbone, "forward_after"):
+            raise ConfigError(f"{type(self.backbone).__name__} cannot mask an intermediate stage")
+        (c3, _, _), (c4, _, _), (c5, h5, w5) = shapes[self.mask_stage - 2: self.mask_stage + 1]
         self.mask_size = (h5, w5)
-        if mask_target == "features":
-            mask_channels = {"2d": 1, "3d": c5}[mask_shape]
-        else:
-            mask_channels = recognizer.embedding_dim
+        mask_channels = {"2d": 1, "3d": c5}[mask_shape] if mask_target == "features" else self.embedding_dim
 
         if mask_source == "pyramid":
             self.pyramid = TopDownPyramid(c3, c4, c5, pyramid_channels)
@@ -136,11 +132,14 @@ class FROM(nn.Module):
         mask_numel = mask_channels * (h5 * w5 if mask_target == "features" else 1)
         self.pattern_head = PatternPredictor(mask_numel, num_patterns(grid), dropout)
         if mask_init is not None:
-            if not 0.0 < mask_init < 1.0:
-                raise ConfigError(f"mask_init must lie strictly between 0 and 1, got {mask_init}")
-            last_conv = self.mask_decoder.body[-1]
-            nn.init.normal_(last_conv.weight, std=1e-3)
-            nn.init.constant_(last_conv.bias, float(torch.logit(torch.tensor(mask_init))))
+            self._init_mask(mask_init)
+
+    def _init_mask(self, value: float) -> None:
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"mask_init must lie strictly between 0 and 1, got {value}")
+        last_conv = self.mask_decoder.body[-1]
+        nn.init.normal_(last_conv.weight, std=1e-3)
+        nn.init.constant_(last_conv.bias, float(torch.logit(torch.tensor(value))))
 
     def predict_mask(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """The soft mask, before broadcasting: (B, C|1, H, W) for maps, (B, D) for the embedding."""
@@ -148,20 +147,38 @@ class FROM(nn.Module):
         mask = self.mask_decoder(source, self.mask_size)
         return mask.mean(dim=(2, 3)) if self.mask_target == "embedding" else mask
 
+    def _embed(self, stage_map: torch.Tensor) -> torch.Tensor:
+        """Run the rest of the network (upper stages, then the head) from the masked stage's map."""
+        if self.mask_stage != len(self.backbone.stage_channels) - 1:
+            stage_map = self.backbone.forward_after(stage_map, self.mask_stage)
+        return self.head(stage_map)
+
     def forward(self, x: torch.Tensor) -> FaceOutput:
-        maps = self.backbone(x)
-        last = maps[-1]
+        maps = self.backbone.forward_until(x, self.mask_stage)
+        masked_map = maps[-1]
         mask = self.predict_mask(maps)
         pattern_logits = self.pattern_head(mask)
         # The unmasked embedding is for baselines and analysis; training does not need it.
-        features = None if self.training else self.head(last)
+        features = None if self.training else self._embed(masked_map)
         if self.mask_target == "features":
-            embedding = self.head(last * mask)
-            mask = mask.expand_as(last)
+            embedding = self._embed(masked_map * mask)
+            mask = mask.expand_as(masked_map)
         else:
-            base = features if features is not None else self.head(last)
+            base = features if features is not None else self._embed(masked_map)
             embedding = base * mask
         return FaceOutput(embedding=embedding, features=features, mask=mask, pattern_logits=pattern_logits)
+
+
+def _check_options(mask_shape: str, mask_target: str, mask_source: str) -> None:
+    for name, value, allowed in (
+        ("mask_shape", mask_shape, ("3d", "2d")),
+        ("mask_target", mask_target, ("features", "embedding")),
+        ("mask_source", mask_source, ("pyramid", "last")),
+    ):
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+    if mask_target == "embedding" and mask_shape == "2d":
+        raise ConfigError("a 2-D mask applies to feature maps only; use mask_shape='3d' with the embedding")
 
 
 def register_from_variant(backbone: str, description: str = "") -> Callable[..., FROM]:
@@ -175,10 +192,12 @@ def register_from_variant(backbone: str, description: str = "") -> Callable[...,
         mask_source: MaskSource = "pyramid",
         pyramid_channels: int = 256,
         mask_init: float | None = None,
+        mask_stage: int = -1,
         **backbone_kwargs,
     ) -> FROM:
         recognizer = spec.builder(**backbone_kwargs)
-        return FROM(recognizer, grid, mask_shape, mask_target, mask_source, pyramid_channels, mask_init=mask_init)
+        return FROM(recognizer, grid, mask_shape, mask_target, mask_source, pyramid_channels,
+                    mask_init=mask_init, mask_stage=mask_stage)
 
     text = description or f"FROM (mask decoder + pattern predictor) on {backbone}"
     return register_model(f"from_{backbone}", spec.preprocess, text, spec.licence)(build)

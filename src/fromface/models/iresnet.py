@@ -52,12 +52,20 @@ class IResNet(Backbone):
         self.stage_channels = tuple(channels)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_until(x, len(self.stages) - 1)
+
+    def forward_until(self, x: torch.Tensor, stage: int) -> list[torch.Tensor]:
         x = self.stem(x)
         maps = []
-        for stage in self.stages:
-            x = stage(x)
+        for block in self.stages[: stage + 1]:
+            x = block(x)
             maps.append(x)
         return maps
+
+    def forward_after(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        for block in self.stages[stage + 1:]:
+            x = block(x)
+        return x
 
     def stage_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
         shapes = []
