@@ -98,3 +98,17 @@ def test_bad_onnx_files(tmp_path):
     junk.write_bytes(b"not a protobuf")
     with pytest.raises(ConfigError, match="junk.onnx"):
         OnnxFaceModel(junk)
+
+
+def test_metadata_keeps_thresholds_only_when_given():
+    import json
+
+    from fromface.inference.onnx_backend import model_metadata
+    from fromface.models import create_model
+
+    net = create_model("mobilefacenet")
+    plain = model_metadata(net)
+    assert plain["fromface.model_name"] == "mobilefacenet" and json.loads(plain["fromface.thresholds"]) == {}
+    assert json.loads(plain["fromface.preprocess"])["size"] == [112, 112] and plain["fromface.grid"] == ""
+    tagged = model_metadata(net, "v1", {"clean": {"far1e-3": 0.4}})
+    assert tagged["fromface.tag"] == "v1" and json.loads(tagged["fromface.thresholds"])["clean"]["far1e-3"] == 0.4

@@ -24,8 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from fromface.inference.onnx_backend import OnnxFaceModel, export_onnx
     from fromface.inference.recognizer import FaceRecognizer
 
-    net = FaceRecognizer(args.model).torch_model
-    path = export_onnx(net, args.output)
+    rec = FaceRecognizer(args.model)
+    net = rec.torch_model
+    path = export_onnx(net, args.output, rec.tag, rec.thresholds)  # thresholds only for a tag's own weights
     print(f"{path}: {getattr(net, 'model_name', '?')} exported (dynamic batch, {path.stat().st_size / 1e6:.1f} MB)")
     if args.no_check:
         return 0

@@ -42,30 +42,23 @@ def _wrapper(model):
     return _Export(model).eval()
 
 
-def model_metadata(model, tag: str | None = None) -> dict[str, str]:
-    """String metadata written into the ONNX file: enough to preprocess inputs and read the outputs."""
-    from fromface.models import get_spec
-
+def model_metadata(model, tag: str | None = None, thresholds: dict | None = None) -> dict[str, str]:
+    """String metadata written into the ONNX file: enough to preprocess inputs and read the outputs.
+    ``thresholds`` are stored only when given: they belong to particular weights (a pretrained tag)."""
     name = getattr(model, "model_name", type(model).__name__)
     pre = model.preprocess
-    thresholds: dict = {}
-    try:
-        pretrained = get_spec(name).pretrained
-        tag = tag or next(iter(pretrained), None)
-        thresholds = dict((pretrained.get(tag) or {}).get("thresholds") or {})
-    except ConfigError:
-        tag = None
     return {
         "fromface.model_name": name,
         "fromface.preprocess": json.dumps({"template": pre.template, "size": list(pre.size), "mean": list(pre.mean),
                                            "std": list(pre.std), "channel_order": pre.channel_order}),
         "fromface.grid": str(getattr(model, "grid", "") or ""),
         "fromface.tag": tag or "",
-        "fromface.thresholds": json.dumps(thresholds),
+        "fromface.thresholds": json.dumps(thresholds or {}),
     }
 
 
-def export_onnx(model, path: str | os.PathLike, tag: str | None = None, opset: int = OPSET) -> Path:
+def export_onnx(model, path: str | os.PathLike, tag: str | None = None, thresholds: dict | None = None,
+                opset: int = OPSET) -> Path:
     """Export ``model`` (eval mode) with a dynamic batch axis; returns the written path (written atomically)."""
     import onnx
     import torch
@@ -89,7 +82,7 @@ def export_onnx(model, path: str | os.PathLike, tag: str | None = None, opset: i
                                     dynamic_shapes={"x": {0: batch}}, opset_version=opset, dynamo=True,
                                     external_data=False, verbose=False)
     proto = program.model_proto
-    for key, value in model_metadata(model, tag).items():
+    for key, value in model_metadata(model, tag, thresholds).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
@@ -108,14 +101,15 @@ def state_digest(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_export(model) -> Path:
-    """Export once per (model name, weights) into ``$FROMFACE_CACHE/onnx`` and reuse the file afterwards."""
+def cached_export(model, tag: str | None = None, thresholds: dict | None = None) -> Path:
+    """Export once per (model name, weights, thresholds) into ``$FROMFACE_CACHE/onnx`` and reuse the file."""
     from fromface.models.weights import cache_dir
 
     name = getattr(model, "model_name", type(model).__name__)
-    path = cache_dir() / "onnx" / f"{name}-{state_digest(model)}.onnx"
+    extra = hashlib.sha256(json.dumps([tag, thresholds or {}], sort_keys=True).encode()).hexdigest()[:6]
+    path = cache_dir() / "onnx" / f"{name}-{state_digest(model)}-{extra}.onnx"
     if not path.is_file():
-        export_onnx(model, path)
+        export_onnx(model, path, tag, thresholds)
     return path
 
 

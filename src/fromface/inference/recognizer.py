@@ -230,12 +230,12 @@ class FaceRecognizer:
             self.preprocess = self.torch_model.preprocess
             self.grid = getattr(self.torch_model, "grid", None)
             self._onnx = None
-            if backend == "onnx":
-                from fromface.inference.onnx_backend import OnnxFaceModel, cached_export
-
-                self._onnx = OnnxFaceModel(cached_export(self.torch_model))
         self.model_source = self.model_source or self.model_name
         self.tag, self.thresholds = self._pretrained_info(tag)
+        if backend == "onnx" and self._onnx is None:
+            from fromface.inference.onnx_backend import OnnxFaceModel, cached_export
+
+            self._onnx = OnnxFaceModel(cached_export(self.torch_model, self.tag, self.thresholds))
         from fromface.inference.faces import FaceAligner
 
         aligner_select = "all" if select == "single" else select
@@ -272,7 +272,7 @@ class FaceRecognizer:
 
     def _pretrained_info(self, tag: str | None) -> tuple[str | None, dict]:
         """(tag, thresholds) of the model's pretrained tag: the one asked for, else the only/first one."""
-        if self._onnx is not None and self._onnx.thresholds:
+        if self._onnx is not None:
             return self._onnx.tag, self._onnx.thresholds
         from fromface.models import get_spec
 
