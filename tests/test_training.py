@@ -189,6 +189,8 @@ def test_pack_round_trip_and_training_from_pack(faces, tmp_path):
     assert len(pack.skipped) == 1 and "broken.jpg" in pack.skipped[0][0]
     assert pack.identities == [f"person_{i:02d}" for i in range(4)]
     assert np.bincount(pack.labels).tolist() == [3, 3, 3, 3]
+    parallel = PackedFaces(pack_folder(src, tmp_path / "pack2", (32, 32), progress=False, workers=2))
+    assert np.array_equal(np.asarray(parallel.images), np.asarray(pack.images)) and parallel.skipped == pack.skipped
     blob = pickle.dumps(pack)  # what a spawned loader worker receives: the index, not the pixels
     assert len(blob) < pack.images.nbytes and np.array_equal(pickle.loads(blob).image(5), pack.image(5))
     folder = open_faces(src, "folder", (32, 32), "arcface112")

@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--fallback", action="store_true", help="centre-crop images where no face is detected "
                    "instead of skipping them")
     q.add_argument("--min-images", type=int, default=1, help="drop identities with fewer images")
+    q.add_argument("--workers", type=int, default=1, help="processes decoding/aligning in parallel (default 1)")
     q.set_defaults(func=run_pack)
 
 
@@ -59,7 +60,7 @@ def run_pack(args: argparse.Namespace) -> int:
 
     pre = get_spec(args.model).preprocess
     out = pack_folder(args.source, args.out, pre.size, pre.template, aligned=args.aligned, fallback=args.fallback,
-                      min_images=args.min_images)
+                      min_images=args.min_images, workers=args.workers)
     pack = PackedFaces(out)
     print(f"packed {len(pack)} faces of {len(pack.identities)} identities at {pre.size[0]}x{pre.size[1]} "
           f"({pre.template}) into {out}; skipped {len(pack.skipped)}")

@@ -91,6 +91,36 @@ def _make_aligner(template: str, fallback: bool):
     return FaceAligner(template, select="largest", fallback=fallback)
 
 
+_WORKER: dict = {}
+
+
+def _worker_setup(size: tuple[int, int], template: str | None, aligned: bool, fallback: bool) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one image per process: parallelism comes from the processes
+    _WORKER.update(size=size, aligner=None if aligned else _make_aligner(template, fallback))
+
+
+def _worker_face(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(crop, None) or (None, reason): errors travel back as text, never as a dead pool."""
+    try:
+        return load_face(path, _WORKER["size"], _WORKER["aligner"]), None
+    except FromfaceError as exc:
+        return None, str(exc)
+
+
+def _faces_in_order(files: list[Path], size, template, aligned, fallback, workers: int):
+    """Yield (crop | None, reason | None) per file, in order, from ``workers`` processes (1: this one)."""
+    if workers <= 1:
+        _worker_setup(size, template, aligned, fallback)
+        yield from map(_worker_face, files)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers, _worker_setup, (size, template, aligned, fallback)) as pool:
+        yield from pool.imap(_worker_face, files, chunksize=8)
+
+
 def pack_folder(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -100,17 +130,19 @@ def pack_folder(
     fallback: bool = False,
     min_images: int = 1,
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
     """Decode (and, when ``aligned`` is False, detect and align) every image once into a pack.
 
     Unreadable images and, without ``fallback``, images with no detected face are skipped and listed
     in the index. The pack is written to a temporary folder and renamed, so a crash never leaves a
-    half-written pack that looks complete.
+    half-written pack that looks complete. ``workers`` > 1 decodes and aligns in that many processes.
     """
     faces = scan_identity_folder(root, min_images)
     if not aligned and template is None:
         raise DataError("aligning a folder needs the model's alignment template")
-    aligner = None if aligned else _make_aligner(template, fallback)
+    if not aligned:
+        _make_aligner(template, fallback)  # fail here, clearly, before any worker starts
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -118,17 +150,16 @@ def pack_folder(
     h, w = size
     array = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(faces.files), h, w, 3))
     kept, skipped = [], []
-    iterator = faces.files
+    results = _faces_in_order(faces.files, tuple(size), template, aligned, fallback, workers)
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(faces.files, desc="pack", unit="img", dynamic_ncols=True)
-    for i, path in enumerate(iterator):
-        try:
-            array[len(kept)] = load_face(path, size, aligner)
-        except FromfaceError as exc:
-            skipped.append([str(path.relative_to(root)), str(exc)])
+        results = tqdm(results, total=len(faces.files), desc="pack", unit="img", dynamic_ncols=True)
+    for i, (crop, problem) in enumerate(results):
+        if crop is None:
+            skipped.append([str(faces.files[i].relative_to(root)), problem])
             continue
+        array[len(kept)] = crop
         kept.append(i)
     array.flush()
     _finish_pack(tmp, array, faces, kept, skipped, Path(root), size, template, aligned)
@@ -254,7 +285,7 @@ def cache_key(root: Path, size: tuple[int, int], template: str, fallback: bool, 
 
 def open_faces(path: str | os.PathLike, fmt: str, size: tuple[int, int], template: str, aligned: bool = True,
                fallback: bool = False, cache_dir: str | os.PathLike | None = None, min_images: int = 1,
-               progress: bool = True, build: bool = True):
+               progress: bool = True, build: bool = True, workers: int = 1):
     """The training faces at ``path``: a pack, an aligned folder, or an unaligned folder packed once into the cache.
 
     With ``build=False`` (every rank but the main one under torchrun) a missing cache pack is waited for,
@@ -276,7 +307,7 @@ def open_faces(path: str | os.PathLike, fmt: str, size: tuple[int, int], templat
     if not is_pack(target) and build:
         cache.mkdir(parents=True, exist_ok=True)
         pack_folder(path, target, size, template, aligned=False, fallback=fallback, min_images=min_images,
-                    progress=progress)
+                    progress=progress, workers=workers)
     while not is_pack(target):  # other ranks wait for the main one (no collective: packing can take hours)
         time.sleep(5.0)
     return PackedFaces(target)

@@ -150,7 +150,7 @@ class Trainer:
         cache = cfg.data.cache_dir or str(Path(cfg.output_dir) / "cache")
         self.source = open_faces(cfg.data.train, cfg.data.format, p.size, p.template, cfg.data.aligned,
                                  cfg.data.align_fallback, cache, cfg.data.min_images, self.progress and self.rt.is_main,
-                                 build=self.rt.is_main)
+                                 build=self.rt.is_main, workers=max(1, cfg.data.num_workers))
         self.split = split_by_identity(self.source.labels, cfg.data.val_identities, cfg.seed)
         self.val_pairs = None
         if len(self.split.val_rows) and cfg.data.val_pairs > 0:
