@@ -49,9 +49,13 @@ def draw_verification(verification, size: int = PANEL) -> np.ndarray:
     if verification.faces is None:
         raise ValueError("this verification carries no faces to draw")
     panels = [face_panel(f, size) for f in verification.faces]
-    gap, top, bottom = 8, 34, 26
+    gap, top, bottom = 8, 34, 44
     width = 2 * size + 3 * gap
     canvas = np.full((top + size + bottom + gap, width, 3), 255, np.uint8)
+    if any(f.heatmap is not None for f in verification.faces):
+        legend = "red: features masked as occluded   yellow: predicted occlusion pattern"
+        cv2.putText(canvas, legend, (gap, top + size + 38), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (90, 90, 90), 1,
+                    cv2.LINE_AA)
     for k, (panel, face) in enumerate(zip(panels, verification.faces)):
         x = gap + k * (size + gap)
         canvas[top:top + size, x:x + size] = panel
