@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
@@ -104,6 +105,7 @@ def test_checkpoint_and_exact_resume(faces, tmp_path):
     ckpts = ckpt_io.step_checkpoints(tmp_path / "full" / "checkpoints")
     assert [p.name for p in ckpts] == ["step_00000003.pt", "step_00000006.pt"]
     assert (tmp_path / "full" / "checkpoints" / "config.yaml").is_file()
+    assert json.loads((tmp_path / "full" / "checkpoints" / "run.json").read_text())["world_size"] == 1
     assert (tmp_path / "full" / "checkpoints" / "best.pt").is_file()
     mid = ckpt_io.read_checkpoint(ckpts[0])
     for key in ("model_name", "model_kwargs", "state_dict", "config", "step", "epoch", "optimizer", "scheduler",

@@ -8,8 +8,10 @@ synchronised by DDP like the rest, and every parameter takes part in every step 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -78,6 +80,17 @@ class TrainingTask(nn.Module):
         return self.loss(self.model(images), labels, patterns, target)
 
 
+def run_info(rt, resume: str | None) -> dict:
+    """What produced a run besides its config: the command, versions, processes and device."""
+    import platform
+
+    from fromface import __version__
+
+    return {"command": sys.argv, "resume": resume, "fromface": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "world_size": rt.world_size, "backend": rt.backend,
+            "device": str(rt.device), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -138,9 +151,11 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
         self.log = RunLog(self.out, self.rt.is_main, cfg.log.tensorboard)
         self.benchmarks: list[PairBenchmark] | None = None
+        self.run_info = run_info(self.rt, resume)
         if self.rt.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.ckpt_dir / "config.yaml")
+            (self.ckpt_dir / "run.json").write_text(json.dumps(self.run_info, indent=2), encoding="utf-8")
 
     # -- construction -------------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -217,6 +232,7 @@ class Trainer:
             "world_size": self.rt.world_size,
             "best_metric": self.best_metric,
             "num_classes": self.split.num_classes,
+            "run": self.run_info,
         }
 
     def save_checkpoint(self) -> Path | None:
