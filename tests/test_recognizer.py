@@ -250,3 +250,22 @@ def test_occluded_flag():
     assert face(0, 1.0).occluded is False
     assert face(5, 0.95).occluded is True
     assert face(0, 0.0).occluded is True  # a fully hidden face, even if the pattern head said clean
+
+
+@pytest.mark.data
+def test_default_model_verifies_lfw_pairs():
+    """The default (pretrained) model with the uncalibrated threshold gets the first LFW pairs right."""
+    from fromface.data.pairs import read_pairs
+    from fromface.inference.recognizer import DEFAULT_MODEL, FaceRecognizer, resolve_default_model
+
+    lfw_root = DATA / "lfw"
+    if not (lfw_root / "pairs.txt").is_file():
+        pytest.skip("needs LFW in ../shared/data")
+    if resolve_default_model() != DEFAULT_MODEL:
+        pytest.skip(f"{DEFAULT_MODEL} is not available")
+    pairs = read_pairs(lfw_root / "pairs.txt", root=lfw_root / "images", format="lfw")
+    chosen = [p for p in pairs if p.same][:2] + [p for p in pairs if not p.same][:2]
+    rec = FaceRecognizer(select="central", fallback=True)
+    results = [rec.verify(p.path1, p.path2) for p in chosen]
+    assert [v.same for v in results] == [p.same for p in chosen], [round(v.score, 3) for v in results]
+    assert all(v.reason == "uncalibrated" or v.reason.startswith("calibrated") for v in results)
