@@ -330,12 +330,14 @@ class Trainer:
                         rate = len(window) * self.cfg.data.batch_size / max(time.perf_counter() - tick, 1e-9)
                         self._log_train(window, rate, bar)
                         window, tick = [], time.perf_counter()
+                    paused = time.perf_counter()
                     if self._due(self.cfg.eval.every_steps, self.cfg.eval.every_epochs):
                         self.evaluate()
                         last_eval = self.step
                     if self._due(self.cfg.checkpoint.every_steps, self.cfg.checkpoint.every_epochs):
                         self.save_checkpoint()
                         last_saved = self.step
+                    tick += time.perf_counter() - paused  # images/s counts training time only
                     if self.step >= self.total_steps:
                         break
             if last_eval != self.step:
