@@ -415,3 +415,27 @@ def test_channels_last_trains_the_same_model(faces, tmp_path):
     assert a["total"] == pytest.approx(b["total"], rel=1e-4)  # same seed, same weights, other memory layout
     after_a, after_b = base.model.state_dict(), nhwc.model.state_dict()
     assert all(torch.allclose(after_a[k].float(), after_b[k].float(), atol=1e-4) for k in after_a)
+
+
+def test_paper_from_config_builds_the_papers_trainer(tmp_path):
+    """The shipped stage-2 config, pointed at a tiny pack, gives the paper's optimiser and schedule."""
+    from fromface.training.config import load_config
+
+    src = make_faces(tmp_path / "faces", identities=6, per_id=4, size=96)
+    pack = pack_folder(src, tmp_path / "pack", (112, 96), progress=False)
+    config = Path(__file__).resolve().parents[1] / "configs" / "paper" / "from_lresnet50e_ir.yaml"
+    cfg = load_config(config, [f"data.train={pack}", "data.batch_size=4", "data.val_identities=2",
+                               "data.val_pairs=10", "data.num_workers=0", "model.init=null",
+                               "occlusion.occluders=null", f"output_dir={tmp_path / 'run'}", "log.progress=false"])
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.model.model_name == "from_lresnet50e_ir" and trainer.model.grid == 5
+    assert trainer.model.pattern_head.fc.out_features == 226
+    assert all(p.requires_grad for p in trainer.model.parameters())  # nothing frozen
+    sgd = trainer.optimizer
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    assert {g["weight_decay"] for g in sgd.param_groups} == {0.0, 5e-4}  # no decay on biases / norm weights
+    spe = trainer.steps_per_epoch
+    assert trainer.total_steps == 40 * spe
+    lrs = [0.01 * trainer.scheduler.lr_lambdas[0](e * spe) for e in (0, 9, 10, 24, 25, 39)]
+    assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001])
+    assert trainer.dataset.clean_prob == pytest.approx(1 / 3) and trainer.dataset.vocab is not None
