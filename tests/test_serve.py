@@ -132,6 +132,28 @@ def test_errors_are_json(server):
     assert status == 400 and body["error"] == "BadRequest" and "b" in body["detail"]
     status, body = post(server + "/enroll", [("images", "e.png", b"")], {"name": "empty"})
     assert status == 400 and "empty" in body["detail"]
-    huge = b"x" * (21 * 52429 + 70000)
-    status, body = post(server + "/identify", [("image", "huge.png", huge)])
-    assert status == 413 and body["error"] == "UploadTooLarge"
+    # A body announced as too large is refused from its headers alone, before any of it is sent.
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(server)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
+    conn.putrequest("POST", "/identify")
+    conn.putheader("Content-Type", "multipart/form-data; boundary=x")
+    conn.putheader("Content-Length", str(50 * 1024 * 1024))
+    conn.endheaders()
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 413 and body["error"] == "UploadTooLarge" and "over the limit" in body["detail"]
+
+
+def test_concurrent_requests(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(seed: int):
+        return post(server + "/verify", [("a", "a.png", png(seed)), ("b", "b.png", png(seed))])
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(one, [11, 12, 13]))
+    assert all(status == 200 and body["same"] for status, body in answers)
