@@ -88,6 +88,9 @@ def export_onnx(model, path: str | os.PathLike, tag: str | None = None, threshol
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
     onnx.save(proto, tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
     os.replace(tmp, path)
     return path
 
