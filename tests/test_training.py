@@ -439,3 +439,24 @@ def test_paper_from_config_builds_the_papers_trainer(tmp_path):
     lrs = [0.01 * trainer.scheduler.lr_lambdas[0](e * spe) for e in (0, 9, 10, 24, 25, 39)]
     assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001])
     assert trainer.dataset.clean_prob == pytest.approx(1 / 3) and trainer.dataset.vocab is not None
+
+
+def test_stop_request_saves_a_checkpoint_and_resume_finishes(faces, tmp_path):
+    import signal
+
+    cfg = tiny_config(faces, tmp_path, checkpoint={"every_steps": 100})
+    trainer = Trainer(cfg, progress=False)
+    step = trainer.train_step
+
+    def step_then_signal(*batch):
+        out = step(*batch)
+        if trainer.step == 2:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does: handled, training finishes this step
+        return out
+
+    trainer.train_step = step_then_signal
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 2"):
+        trainer.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert [p.name for p in ckpt_io.step_checkpoints(tmp_path / "checkpoints")] == ["step_00000002.pt"]
+    assert Trainer(cfg, resume="auto", progress=False).fit()["step"] == 6

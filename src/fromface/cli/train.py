@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import sys
+
     import yaml
 
     from fromface.training.config import config_to_dict, load_config
@@ -45,7 +47,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
-    summary = train(config, resume=args.resume, progress=not args.no_progress)
+    try:
+        summary = train(config, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt as stop:
+        if stop.args:  # the trainer stopped cleanly after saving a checkpoint
+            print(f"fromface train: {stop.args[0]}", file=sys.stderr)
+            return 130
+        raise
     if not summary["is_main"]:  # under torchrun only rank 0 reports
         return 0
     best = summary["best_metric"]

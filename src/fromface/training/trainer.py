@@ -11,7 +11,9 @@ import copy
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -141,6 +143,7 @@ class Trainer:
         self._build_optimisation()
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_metric: float | None = None
+        self.stop_requested = False
         if resume:
             self._resume(resume)
         else:  # per-rank stream for dropout; a resumed run restored its own
@@ -316,6 +319,7 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True)
         last_saved = last_eval = None
         window, tick = [], time.perf_counter()
+        previous = self._catch_stop_signals()
         try:
             while self.step < self.total_steps:
                 self.set_train_mode()
@@ -338,6 +342,8 @@ class Trainer:
                         self.save_checkpoint()
                         last_saved = self.step
                     tick += time.perf_counter() - paused  # images/s counts training time only
+                    if self.stop_requested:
+                        self._stop(last_saved)
                     if self.step >= self.total_steps:
                         break
             if last_eval != self.step:
@@ -345,6 +351,7 @@ class Trainer:
             if last_saved != self.step:
                 self.save_checkpoint()
         finally:
+            self._restore_signals(previous)
             if bar is not None:
                 bar.close()
             self.log.close()
@@ -352,6 +359,32 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "best_metric": self.best_metric,
                 "last_checkpoint": str(found[-1]) if found else None, "output_dir": str(self.out),
                 "is_main": self.rt.is_main}
+
+    def _catch_stop_signals(self) -> dict:
+        """Single process: Ctrl-C / SIGTERM finish the current step, save a checkpoint, then stop.
+
+        Under torchrun the default behaviour stays (ranks could see the signal at different steps and
+        the checkpoint's collective would hang); resume from the last periodic checkpoint there.
+        """
+        self.stop_requested = False
+        if self.rt.distributed or threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request(signum, frame):
+            self.stop_requested = True
+
+        return {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signals(previous: dict) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _stop(self, last_saved: int | None) -> None:
+        path = self.save_checkpoint() if last_saved != self.step else None
+        where = path or ckpt_io.step_checkpoints(self.ckpt_dir)[-1]
+        self.log.write("stop", self.step, {"checkpoint": str(where)})
+        raise KeyboardInterrupt(f"stopped at step {self.step}; saved {where}; continue with --resume auto")
 
     def close(self) -> None:
         teardown(self.rt)
