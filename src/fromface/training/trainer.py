@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,88 +22,14 @@ from torch import nn
 from fromface.errors import ConfigError, FromfaceError
 from fromface.training import checkpoint as ckpt_io
 from fromface.training.config import TrainConfig, config_to_dict, save_config
-from fromface.training.data import (
-    EpochBatches,
-    RandomBoxOccluder,
-    SynthesizerOccluder,
-    TrainFaces,
-    make_pairs,
-    split_by_identity,
-)
+from fromface.training.data import EpochBatches, TrainFaces, make_pairs, split_by_identity
 from fromface.training.logs import RunLog
 from fromface.training.loss import FromLoss
 from fromface.training.optim import build_optimizer, build_scheduler, param_groups
 from fromface.training.pack import open_faces
 from fromface.training.runtime import setup_runtime, teardown
+from fromface.training.task import TrainingTask, build_occluder, run_info, seed_everything
 from fromface.training.validate import PairBenchmark, validate
-
-
-class TrainingTask(nn.Module):
-    """Model + loss (+ an optional frozen teacher): ``forward`` returns the dict of named losses.
-
-    With a teacher, ``clean`` holds the unoccluded version of each image and the teacher's unmasked
-    embedding of it (``features``, or ``embedding`` for plain models) is the consistency target. With
-    ``cache_size`` the targets are kept per ``keys`` (row and flip): a frozen teacher sees the same
-    clean image every time, so each one is computed once.
-    """
-
-    def __init__(self, model: nn.Module, loss: FromLoss, teacher: nn.Module | None = None, cache_size: int = 0):
-        super().__init__()
-        self.model, self.loss, self.teacher = model, loss, teacher
-        self.cache_size = cache_size
-        self.cache: torch.Tensor | None = None
-        self.cached: torch.Tensor | None = None
-
-    def targets(self, clean: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
-        """The frozen teacher's embeddings of the clean images (from the cache where possible)."""
-        def run(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                out = self.teacher.eval()(x)
-            return (out.features if out.features is not None else out.embedding).float()
-
-        if not self.cache_size or keys is None:
-            return run(clean)
-        keys = keys.to(clean.device)
-        if self.cache is None:
-            dim = self.model.embedding_dim
-            self.cache = torch.zeros(self.cache_size, dim, device=clean.device)
-            self.cached = torch.zeros(self.cache_size, dtype=torch.bool, device=clean.device)
-        miss = ~self.cached[keys]
-        if miss.any():
-            self.cache[keys[miss]] = run(clean[miss])
-            self.cached[keys[miss]] = True
-        return self.cache[keys]
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor,
-                clean: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        target = self.targets(clean, keys) if self.teacher is not None and clean is not None else None
-        return self.loss(self.model(images), labels, patterns, target)
-
-
-def run_info(rt, resume: str | None) -> dict:
-    """What produced a run besides its config: the command, versions, processes and device."""
-    import platform
-
-    from fromface import __version__
-
-    return {"command": sys.argv, "resume": resume, "fromface": __version__, "torch": torch.__version__,
-            "python": platform.python_version(), "world_size": rt.world_size, "backend": rt.backend,
-            "device": str(rt.device), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_occluder(cfg: TrainConfig, preprocess):
-    if not cfg.occlusion.enabled:
-        return None
-    if cfg.occlusion.occluders:
-        return SynthesizerOccluder(cfg.occlusion.occluders, cfg.occlusion.categories, cfg.occlusion.preset,
-                                   preprocess.template, preprocess.size)
-    return RandomBoxOccluder()
 
 
 class Trainer:
