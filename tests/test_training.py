@@ -460,3 +460,19 @@ def test_stop_request_saves_a_checkpoint_and_resume_finishes(faces, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     assert [p.name for p in ckpt_io.step_checkpoints(tmp_path / "checkpoints")] == ["step_00000002.pt"]
     assert Trainer(cfg, resume="auto", progress=False).fit()["step"] == 6
+
+
+def test_gradient_accumulation_matches_the_whole_batch(faces, tmp_path):
+    whole = Trainer(tiny_config(faces, tmp_path / "a"), progress=False)
+    split = Trainer(tiny_config(faces, tmp_path / "b", data={"accumulate": 3}), progress=False)
+    batch = next(iter(whole.loader(0, 0)))
+    for trainer in (whole, split):
+        trainer.task.eval()  # batch-norm on running statistics and no dropout: chunking must not matter
+    a, b = whole.train_step(*batch), split.train_step(*batch)
+    assert a["total"] == pytest.approx(b["total"], rel=1e-5)
+    after_a, after_b = whole.model.state_dict(), split.model.state_dict()
+    assert all(torch.allclose(after_a[k].float(), after_b[k].float(), atol=1e-6) for k in after_a)
+    assert not torch.equal(after_a["head.fc.weight"], Trainer(tiny_config(faces, tmp_path / "c"),
+                                                              progress=False).model.state_dict()["head.fc.weight"])
+    with pytest.raises(ConfigError, match="accumulate=4"):
+        Trainer(tiny_config(faces, tmp_path / "d", data={"accumulate": 4}), progress=False)

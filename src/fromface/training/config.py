@@ -39,6 +39,7 @@ class DataConfig:
     val_identities: float = 0.05  # held-out identities: fraction (< 1) or count (>= 1)
     val_pairs: int = 600  # validation pairs (half positive) built from the held-out identities
     batch_size: int = 64  # global batch, split over processes
+    accumulate: int = 1  # split each process's batch into this many chunks (less memory; BN sees the chunks)
     num_workers: int = 0
     flip: bool = True
 
@@ -259,6 +260,7 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
     checks = [
         ("data.batch_size", config.data.batch_size >= 1, "must be >= 1"),
+        ("data.accumulate", config.data.accumulate >= 1, "must be >= 1"),
         ("schedule.epochs", config.schedule.epochs >= 1, "must be >= 1"),
         ("occlusion.clean_prob", 0.0 <= config.occlusion.clean_prob <= 1.0, "must be in [0, 1]"),
         ("data.val_identities", config.data.val_identities >= 0, "must be >= 0"),

@@ -187,9 +187,11 @@ class EpochBatches(torch.utils.data.Sampler):
     with the same order. Incomplete last batches are dropped, so every rank takes the same number of steps.
     """
 
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int, start: int = 0):
-        if global_batch % world:
-            raise ConfigError(f"data.batch_size={global_batch} must be divisible by the {world} processes")
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int, start: int = 0,
+                 accumulate: int = 1):
+        if global_batch % (world * accumulate):
+            raise ConfigError(f"data.batch_size={global_batch} must be divisible by the {world} processes x "
+                              f"data.accumulate={accumulate}")
         if n < global_batch:
             raise DataError(f"the training split has {n} images, fewer than one batch of {global_batch}")
         self.n, self.batch, self.rank, self.world = n, global_batch, rank, world

@@ -7,6 +7,7 @@ synchronised by DDP like the rest, and every parameter takes part in every step 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -106,7 +107,7 @@ class Trainer:
                                   cfg.data.flip, self.occluder, cfg.occlusion.clean_prob, self.grid,
                                   with_clean=cfg.loss.consistency_weight > 0)
         world = self.rt.world_size
-        EpochBatches(len(self.dataset), cfg.data.batch_size, 0, world, cfg.seed, 0)  # validates sizes early
+        EpochBatches(len(self.dataset), cfg.data.batch_size, 0, world, cfg.seed, 0, 0, cfg.data.accumulate)  # checks
         self.steps_per_epoch = len(self.dataset) // cfg.data.batch_size
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
         if cfg.schedule.max_steps is not None:
@@ -205,19 +206,26 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor,
                    clean: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> dict[str, float]:
-        """One optimiser step; returns the loss parts as floats."""
-        dev = self.device
-        fmt = self.memory_format
+        """One optimiser step (over ``data.accumulate`` chunks of the batch); returns the loss parts as floats."""
+        dev, fmt, chunks = self.device, self.memory_format, self.cfg.data.accumulate
         images, labels, patterns = images.to(dev, memory_format=fmt), labels.to(dev), patterns.to(dev)
         clean = clean.to(dev, memory_format=fmt) if clean is not None else None
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
-            losses = self.net(images, labels, patterns, clean, keys)
-        total = losses["total"]
-        if not torch.isfinite(total):
-            raise FromfaceError(f"loss is {float(total)} at step {self.step}: lower optim.lr or set "
-                                "optim.clip_grad_norm")
+        inputs = [images, labels, patterns, clean, keys]
+        parts = [t.chunk(chunks) if t is not None else [None] * chunks for t in inputs]
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
+        sums: dict[str, float] = {}
+        for j in range(chunks):
+            last = j == chunks - 1
+            sync = contextlib.nullcontext() if last or not self.rt.distributed else self.net.no_sync()
+            with sync:
+                with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
+                    losses = self.net(*[p[j] for p in parts])
+                if not torch.isfinite(losses["total"]):
+                    raise FromfaceError(f"loss is {float(losses['total'])} at step {self.step}: lower optim.lr or "
+                                        "set optim.clip_grad_norm")
+                self.scaler.scale(losses["total"] / chunks).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / chunks
         if self.cfg.optim.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad_norm)
@@ -225,7 +233,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return sums
 
     def loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
         sampler = EpochBatches(len(self.dataset), self.cfg.data.batch_size, self.rt.rank, self.rt.world_size,
