@@ -67,12 +67,25 @@ class SFaceBackbone(Backbone):
             self.layers[name] = ConvBNPReLU(cin, cout, _kernel(name), stride, groups)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_until(x, len(_STAGE_ENDS) - 1)
+
+    def forward_until(self, x: torch.Tensor, stage: int) -> list[torch.Tensor]:
         maps = []
         for name, layer in self.layers.items():
             x = layer(x)
             if name in _STAGE_ENDS:
                 maps.append(x)
+                if len(maps) > stage:
+                    break
         return maps
+
+    def forward_after(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Run the layers above stage ``stage`` (FROM masking an intermediate map)."""
+        names = list(self.layers)
+        start = names.index(list(_STAGE_ENDS)[stage]) + 1
+        for name in names[start:]:
+            x = self.layers[name](x)
+        return x
 
     def stage_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
         shapes = []
