@@ -261,11 +261,15 @@ class FaceRecognizer:
 
             net = load_model(model)
         elif isinstance(model, str):
-            net = create_model(model)
-            pretrained = get_spec(model).pretrained
-            chosen = pick_tag(pretrained, tag, model)
-            if chosen is not None:
-                load_tag_weights(net, dict(pretrained[chosen]), model, chosen)
+            name, _, tag_in_name = model.partition(":")
+            pretrained = get_spec(name).pretrained
+            chosen = pick_tag(pretrained, tag or tag_in_name or None, name)
+            if chosen is not None and pretrained[chosen].get("file"):
+                net = create_model(name, pretrained=chosen)  # the factory checks the checksum and loads
+            else:
+                net = create_model(name)
+                if chosen is not None:
+                    load_tag_weights(net, dict(pretrained[chosen]), name, chosen)
         else:
             raise ConfigError(f"model must be a registered name, a checkpoint path or an nn.Module; got {model!r}")
         return net.to(self.device).eval()
@@ -276,6 +280,7 @@ class FaceRecognizer:
             return self._onnx.tag, self._onnx.thresholds
         from fromface.models import get_spec
 
+        tag = tag or getattr(self.torch_model, "pretrained_tag", None)
         if not self._by_name and tag is None:
             return None, {}  # a checkpoint or module: a tag's thresholds were calibrated for other weights
         try:

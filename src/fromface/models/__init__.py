@@ -15,6 +15,10 @@ from fromface.models.registry import (
 for _name in ("lresnet50e_ir", "iresnet18", "iresnet50", "mobilefacenet", "sface_net", "dlib_resnet"):
     register_from_variant(_name)
 
+from fromface.models.pretrained import register_shipped_tags  # noqa: E402  (after every model exists)
+
+register_shipped_tags()
+
 __all__ = [
     "FROM",
     "FaceOutput",

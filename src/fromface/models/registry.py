@@ -78,13 +78,49 @@ def get_spec(name: str) -> ModelSpec:
         raise ConfigError(f"unknown model {name!r}{hint}") from None
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model by name; its ``preprocess`` attribute says how to feed it."""
+def create_model(name: str, pretrained: str | bool | None = None, **kwargs: Any) -> nn.Module:
+    """Build a registered model by name; its ``preprocess`` attribute says how to feed it.
+
+    ``pretrained`` names a pretrained tag (``True``: the tag marked default); ``"name:tag"`` is the
+    same as ``pretrained="tag"``. A tag fixes the architecture options it was trained with, so
+    ``kwargs`` may not contradict them.
+    """
+    if ":" in name:
+        name, tag_in_name = name.split(":", 1)
+        if pretrained not in (None, False, tag_in_name):
+            raise ConfigError(f"model {name!r}: tag {tag_in_name!r} in the name and pretrained={pretrained!r} differ")
+        pretrained = tag_in_name
     spec = get_spec(name)
+    tag = _pick_tag(spec, pretrained)
+    info = spec.pretrained.get(tag, {}) if tag else {}
+    fixed = dict(info.get("kwargs") or {})
+    clash = {k for k in kwargs if k in fixed and kwargs[k] != fixed[k]}
+    if clash:
+        raise ConfigError(f"{name}:{tag} was trained with {({k: fixed[k] for k in clash})}; cannot change it")
     try:
-        model = spec.builder(**kwargs)
+        model = spec.builder(**{**fixed, **kwargs})
     except TypeError as exc:
         raise ConfigError(f"cannot build {name!r} with {sorted(kwargs)}: {exc}") from None
+    if tag and info.get("file"):
+        from fromface.models.pretrained import load_tag_state
+
+        load_tag_state(model, name, tag, info)
     model.preprocess = spec.preprocess
     model.model_name = name
+    model.pretrained_tag = tag
     return model
+
+
+def _pick_tag(spec: ModelSpec, pretrained: str | bool | None) -> str | None:
+    if not pretrained:
+        return None
+    if pretrained is True:
+        tag = next((t for t, info in spec.pretrained.items() if info.get("default")), None)
+        tag = tag or next(iter(spec.pretrained), None)
+        if tag is None:
+            raise ConfigError(f"model {spec.name!r} has no pretrained weights")
+        return tag
+    if pretrained not in spec.pretrained:
+        known = ", ".join(sorted(spec.pretrained)) or "none"
+        raise ConfigError(f"model {spec.name!r} has no pretrained tag {pretrained!r}; known: {known}")
+    return pretrained
