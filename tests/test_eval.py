@@ -111,6 +111,9 @@ def test_evaluate_pairs_with_manifest(tree, tmp_path):
     assert set(res["per_category"]) == {"scarf", "cup"} or set(res["per_category"]) == {"scarf", "cup", "clean"}
     assert sum(v["n_pairs"] for v in res["per_category"].values()) == 12
     assert set(res["per_covered_fraction"]) <= {"0.10-0.20", "0.40-0.50"}
+    # under the whole set's thresholds, the groups' accuracies pool back to the overall accuracy
+    pooled = sum(v["accuracy_at_overall_thresholds"] * v["n_pairs"] for v in res["per_category"].values()) / 12
+    assert pooled == pytest.approx(m["accuracy_mean"])
 
 
 def test_manifest_errors(tmp_path):

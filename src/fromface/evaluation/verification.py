@@ -11,7 +11,7 @@ import numpy as np
 from fromface.data.pairs import Pair, pair_images
 from fromface.errors import DataError
 from fromface.evaluation.embedders import Embedder
-from fromface.evaluation.metrics import DEFAULT_FARS, roc_curve, verification_metrics
+from fromface.evaluation.metrics import DEFAULT_FARS, assign_folds, roc_curve, verification_metrics
 from fromface.evaluation.runner import check_images_exist, embed_images, pair_scores
 
 DEFAULT_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
@@ -128,14 +128,30 @@ def evaluate_pairs(pairs: list[Pair], embedders: list[Embedder], cache_dir: Path
         res["_scores"] = scores
         if groups:
             by_cat, by_bin = groups
-            res["per_category"] = {c: _subset(scores, same, folds, m, n_folds, fars, failed) for c, m in by_cat.items()}
-            res["per_covered_fraction"] = {b: _subset(scores, same, folds, m, n_folds, fars, failed)
+            correct = _correct_at_overall_thresholds(scores, same, folds, n_folds, res["metrics"])
+            res["per_category"] = {c: _subset(scores, same, folds, m, n_folds, fars, failed, correct)
+                                   for c, m in by_cat.items()}
+            res["per_covered_fraction"] = {b: _subset(scores, same, folds, m, n_folds, fars, failed, correct)
                                            for b, m in by_bin.items()}
         results.append(res)
     return results
 
 
-def _subset(scores, same, folds, mask, n_folds, fars, failed) -> dict:
+def _correct_at_overall_thresholds(scores, same, folds, n_folds, metrics) -> np.ndarray | None:
+    """Per pair: right or wrong under its fold's threshold from the whole set (what a deployed system sees)."""
+    if "fold_thresholds" not in metrics:
+        return None
+    f = assign_folds(same, n_folds, folds)
+    thresholds = dict(zip(np.unique(f).tolist(), metrics["fold_thresholds"]))
+    t = np.array([thresholds[int(k)] for k in f])
+    return (scores > t) == same
+
+
+def _subset(scores, same, folds, mask, n_folds, fars, failed, correct) -> dict:
+    """The protocol run within a group (thresholds from the group's other folds), plus its accuracy under the
+    whole set's thresholds."""
     out = verification_metrics(scores[mask], same[mask], folds[mask], n_folds, fars)
     out["failed_pairs"] = int(failed[mask].sum())
+    if correct is not None:
+        out["accuracy_at_overall_thresholds"] = float(np.mean(correct[mask]))
     return out
