@@ -93,7 +93,11 @@ def metric_rows(results: list[dict], key: str = "metrics") -> list[tuple[str, li
             ("ROC AUC %", [_pct(m.get("auc")) for m in ms]),
             ("EER %", [_pct(m.get("eer")) for m in ms])]
     rows += [(f"TAR % @ FAR {f}", [_tar(m, f) for m in ms]) for f in fars]
-    rows += [("pairs failed (no face)", [str(r["failed_pairs"]) for r in results]),
+    if any("metrics_found_faces_only" in r for r in results):
+        rows.append(("10-fold accuracy % on pairs with both faces found",
+                     [_acc(r.get("metrics_found_faces_only", r["metrics"])) for r in results]))
+    rows += [("pairs failed (no face): all / same-person",
+              [f"{r['failed_pairs']} / {r['failed_positive_pairs']}" for r in results]),
              ("images: " + ", ".join(_method_names(results)),
               [" / ".join(str(r["face_methods"].get(k, 0)) for k in _method_names(results)) for r in results])]
     return rows

@@ -123,6 +123,9 @@ def evaluate_pairs(pairs: list[Pair], embedders: list[Embedder], cache_dir: Path
             "seconds": round(es.seconds, 2), "images_computed": es.computed, "images_cached": es.cached,
             "metrics": verification_metrics(scores, same, folds, n_folds, fars),
         }
+        if failed.any() and (~failed).sum() >= 4:  # what the recogniser does where its detector found both faces
+            res["metrics_found_faces_only"] = verification_metrics(scores[~failed], same[~failed], folds[~failed],
+                                                                   n_folds, fars)
         fpr, tpr, _ = roc_curve(scores, same)
         res["_roc"] = (fpr, tpr)
         res["_scores"] = scores
