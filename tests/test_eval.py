@@ -299,3 +299,13 @@ def test_identification_with_distractors(tree, tmp_path):
     with_d = evaluate_identification(data, [ColourEmbedder()], None, ranks=(1, 2), progress=False)[0]["metrics"]
     assert with_d["n_gallery_identities"] == 5 and with_d["n_gallery_images"] == 5
     assert with_d["rank1"] == pytest.approx(5 / 6) and with_d["rank2"] == 1.0
+
+
+def test_corrupt_image_is_a_one_line_error_with_workers(tree, tmp_path, capsys):
+    bad = tree / "bob" / "bob_0002.png"
+    bad.write_bytes(b"\x89PNG broken")
+    tsv = write_pairs_tsv(_pairs(tree), tmp_path / "pairs.tsv", relative_to=tmp_path)
+    rc = main(["eval", "--pairs", str(tsv), "--model", "sface", "--out", str(tmp_path / "o"), "--quiet",
+               "--workers", "2", "--batch-size", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bob_0002.png" in err and "Traceback" not in err

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fromface.data.images import load_image
-from fromface.errors import DataError
+from fromface.errors import DataError, FromfaceError
 from fromface.evaluation.embedders import Embedder, EmbedResult
 
 
@@ -36,7 +36,7 @@ class EmbeddingCache:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:40]
         digest = hashlib.sha256(embedder_key.encode()).hexdigest()[:16]
         self.path = folder / f"{slug}-{digest}.sqlite"
-        self.db = sqlite3.connect(str(self.path))
+        self.db = sqlite3.connect(str(self.path), timeout=120)  # other runs may share the cache
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, method TEXT, vec BLOB)")
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('embedder', ?)", (embedder_key,))
@@ -115,7 +115,10 @@ def _worker_init(spec: str, options: dict) -> None:
 
 
 def _worker_embed(paths: list[Path]) -> list[EmbedResult]:
-    return _WORKER["embedder"].embed_batch([load_image(p) for p in paths])
+    try:
+        return _WORKER["embedder"].embed_batch([load_image(p) for p in paths])
+    except FromfaceError as exc:  # re-raised in the parent: keep the message, use a type that pickles plainly
+        raise DataError(str(exc)) from None
 
 
 def _batches(embedder: Embedder, todo: list[tuple[Path, str]], workers: int):
