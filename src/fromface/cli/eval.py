@@ -9,7 +9,8 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="verification accuracy of one or more models on a pair list",
                        description="Score pairs with every --model on the same images: 10-fold accuracy "
-                       "(threshold from the other folds), ROC AUC, EER, TAR@FAR; report.json, report.md, roc.png.")
+                       "(threshold from the other folds), ROC AUC, EER, TAR@FAR; report.json, report.md, scores.tsv, "
+                       "roc.png.")
     p.add_argument("--pairs", required=True, type=Path, help="LFW pairs.txt, MFR2 pairs list or TSV")
     p.add_argument("--root", type=Path, default=None, help="image folder (default: the pair file's folder)")
     p.add_argument("--format", default="auto", choices=["auto", "lfw", "mfr2", "tsv"], help="pair-list format")
@@ -39,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, dest="models", metavar="NAME_OR_PATH",
-                   help="registered model, trainer checkpoint (.pt) or peer (sface, face_recognition); repeatable")
+                   help="registered model, trainer checkpoint (.pt), exported .onnx, or peer (sface, "
+                   "face_recognition); repeatable")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--cache", type=Path, default=None, help="embedding cache folder (default: OUT/cache)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
