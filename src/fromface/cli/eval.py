@@ -127,7 +127,7 @@ def run_eval(args: argparse.Namespace) -> int:
     write_json(report, args.out / "report.json")
     write_markdown(report, results, args.out / "report.md")
     write_scores(pairs, results, args.out / "scores.tsv")
-    roc = plot_roc(results, args.out / "roc.png", title=f"ROC: {args.pairs.name}")
+    roc = plot_roc(results, args.out / "roc.png", title=f"ROC: {args.pairs}")
     for line in summary_lines(results):
         print(line)
     print(f"wrote {args.out / 'report.json'}, report.md, scores.tsv" + (", roc.png" if roc else ""))
