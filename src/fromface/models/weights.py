@@ -52,8 +52,8 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fromface"
 
 
-def file_digest(path: Path, length: int = 16) -> str:
-    """Short sha256 of a file's bytes: the cache key, so an updated package is re-converted."""
+def file_digest(path: Path, length: int = 64) -> str:
+    """sha256 of a file's bytes (hex, ``length`` characters): the cache key, so an updated package is re-converted."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -61,8 +61,9 @@ def file_digest(path: Path, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
-def cached_path(name: str, source: Path) -> Path:
-    return cache_dir() / f"{name}-{file_digest(source)}-v{CACHE_FORMAT}.safetensors"
+def cached_path(name: str, source: Path, digest: str | None = None) -> Path:
+    digest = (digest or file_digest(source))[:16]
+    return cache_dir() / f"{name}-{digest}-v{CACHE_FORMAT}.safetensors"
 
 
 def load_converted(
@@ -70,17 +71,23 @@ def load_converted(
     source: Path,
     convert: Callable[[Path], dict[str, torch.Tensor]],
     use_cache: bool = True,
+    expected_sha256: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """State dict converted from ``source``, from the safetensors cache when present.
 
     A broken cache file is ignored and rewritten; an unwritable cache directory only costs the
-    conversion on every load (with a warning), never an error.
+    conversion on every load (with a warning), never an error. A source whose sha256 differs from
+    ``expected_sha256`` (the file parity was measured on) still loads, with a warning.
     """
     from safetensors.torch import load_file, save_file
 
+    digest = file_digest(source)
+    if expected_sha256 and digest != expected_sha256:
+        warnings.warn(f"{source}: sha256 {digest[:16]}... differs from the file the port was checked against "
+                      f"({expected_sha256[:16]}...); its parity is unverified", stacklevel=2)
     if not use_cache:
         return convert(source)
-    target = cached_path(name, source)
+    target = cached_path(name, source, digest)
     if target.is_file():
         try:
             return load_file(str(target))
