@@ -101,6 +101,19 @@ def test_backbone_stage_shapes_match_forward_and_from_wraps_it(name):
     assert out.mask.shape == maps[-1].shape and out.embedding.shape == (1, 128)
 
 
+def test_dlib_backbone_splits_at_every_stage():
+    backbone = create_model("dlib_resnet", from_package=False).backbone.eval()
+    x = torch.randn(1, 3, 150, 150)
+    with torch.no_grad():
+        full = backbone(x)
+        for stage in range(len(full)):
+            upto = backbone.forward_until(x, stage)
+            assert len(upto) == stage + 1
+            torch.testing.assert_close(backbone.forward_after(upto[-1], stage), full[-1])
+        model = create_model("from_dlib_resnet", from_package=False, mask_stage=3).eval()
+        assert model(x).mask.shape[1:] == (256, 4, 4)
+
+
 def test_registered_preprocessing():
     assert create_model("sface_net_face", from_package=False).preprocess.template == "arcface112"
     pre = create_model("dlib_resnet_face", from_package=False).preprocess

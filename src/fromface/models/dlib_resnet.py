@@ -318,12 +318,20 @@ class DlibResNetBackbone(Backbone):
         self.levels = nn.ModuleList(levels)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        maps = []
-        for level in self.levels:
+        return self.forward_until(x, len(self.levels) - 1)
+
+    def forward_until(self, x: torch.Tensor, stage: int) -> list[torch.Tensor]:
+        x, maps = self.stem(x), []
+        for level in self.levels[: stage + 1]:
             x = level(x)
             maps.append(x)
         return maps
+
+    def forward_after(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Run the levels above ``stage`` on its map: FROM can mask the 8x8 or 4x4 map instead of the 2x2 one."""
+        for level in self.levels[stage + 1:]:
+            x = level(x)
+        return x
 
     def stage_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
         h, w = (_out(_out(n, 7, 2, 0), 3, 2, 0) for n in (height, width))
