@@ -55,8 +55,8 @@ def test_empty_mask_is_label_zero_and_batch_matches_single():
     rng = np.random.default_rng(0)
     batch = np.zeros((6, 112, 96), bool)
     for i in range(1, 6):
-        t, l = rng.integers(0, 80), rng.integers(0, 60)
-        batch[i, t:t + rng.integers(5, 30), l:l + rng.integers(5, 30)] = True
+        top, left = rng.integers(0, 80), rng.integers(0, 60)
+        batch[i, top:top + rng.integers(5, 30), left:left + rng.integers(5, 30)] = True
     labels = vocab.label(batch)
     assert labels[0] == 0
     assert all(labels[i] == vocab.label(batch[i]) for i in range(6))
@@ -73,8 +73,8 @@ def test_label_is_argmax_iou_by_brute_force():
 
 def test_boxes_and_masks_agree():
     masks = patterns(50, 40, 4)
-    for mask, (t, l, b, r) in zip(masks, pattern_boxes(50, 40, 4)):
-        assert mask.sum() == (b - t) * (r - l)
+    for mask, (top, left, bottom, right) in zip(masks, pattern_boxes(50, 40, 4)):
+        assert mask.sum() == (bottom - top) * (right - left)
 
 
 def test_mismatched_sizes_are_rejected():
