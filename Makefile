@@ -21,8 +21,13 @@ test: $(VENV)/.test
 	$(PY) -m ruff check src tests benchmarks tools
 	$(PY) -m pytest -q
 
+# Three verifications on the bundled example photos (examples/README.md); the occluded pair is drawn.
 demo: $(VENV)/.base
-	$(PY) tools/demo.py
+	@mkdir -p out
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/fromface verify examples/person_a_1.jpg examples/person_a_2.jpg
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/fromface verify examples/person_a_1.jpg examples/person_a_2_occluded.png \
+		--show out/demo.png
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/fromface verify examples/person_a_1.jpg examples/person_b.jpg
 
 peers: $(VENV)/.base
 	$(PIP) -q -e '.[peers]'
