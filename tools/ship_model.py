@@ -1,0 +1,119 @@
+"""Turn a training checkpoint into a pretrained tag shipped inside the package, with calibrated thresholds.
+
+    python tools/ship_model.py runs/default_from_sface_net/checkpoints/best.pt --tag celeba299-occ [--default]
+
+Writes ``src/fromface/models/pretrained/<model>.<tag>.safetensors`` (only the tensors that training
+changed; the rest of the trunk loads from its own package) and ``<model>.<tag>.json``
+(sha256, architecture options, thresholds, validation figures, provenance).
+
+Thresholds: cosine scores at FAR 1e-2 and 1e-3 on the held-out CelebA identities of the training
+config (the validation split, never a test set), over every pair of images of different identities:
+clean-clean, and occluded-clean (one side occluded by the training occluder with a fixed seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from fromface.models.pretrained import HERE, sha256_of
+from fromface.training.checkpoint import load_model, read_checkpoint
+from fromface.training.config import config_from_dict
+from fromface.training.data import PlainFaces, split_by_identity
+from fromface.training.pack import open_faces
+from fromface.training.task import build_occluder
+from fromface.training.validate import embed
+
+FARS = {"far1e-2": 1e-2, "far1e-3": 1e-3}
+
+
+def operating_points(scores: np.ndarray, same: np.ndarray) -> dict[str, dict[str, float]]:
+    """Threshold (smallest score with FAR <= target) and TAR there, for each FAR."""
+    negatives = np.sort(scores[~same])[::-1]
+    out = {}
+    for key, far in FARS.items():
+        allowed = int(np.floor(far * len(negatives)))
+        threshold = float(negatives[allowed]) + 1e-6 if allowed < len(negatives) else float(negatives[-1])
+        out[key] = {"threshold": threshold, "tar": float(np.mean(scores[same] >= threshold)),
+                    "far": float(np.mean(scores[~same] >= threshold)), "negatives": int(len(negatives))}
+    return out
+
+
+def all_pairs(emb_a: np.ndarray, emb_b: np.ndarray, labels: np.ndarray, skip_self: bool):
+    scores = emb_a @ emb_b.T
+    same = labels[:, None] == labels[None, :]
+    keep = ~np.eye(len(labels), dtype=bool) if skip_self else np.ones_like(same)
+    if skip_self:
+        keep &= np.triu(np.ones_like(same), 1)
+    return scores[keep], same[keep]
+
+
+def calibrate(model: torch.nn.Module, cfg) -> dict:
+    p = model.preprocess
+    source = open_faces(cfg.data.train, cfg.data.format, p.size, p.template, cfg.data.aligned, cfg.data.align_fallback,
+                        cfg.data.cache_dir or str(Path(cfg.output_dir) / "cache"), cfg.data.min_images, False)
+    split = split_by_identity(source.labels, cfg.data.val_identities, cfg.seed)
+    rows, labels = split.val_rows, split.val_labels
+    device = torch.device("cpu")
+    clean = embed(model, PlainFaces(source, rows, p), 64, device)
+    occluded = embed(model, PlainFaces(source, rows, p, build_occluder(cfg, p), seed=cfg.seed + 7), 64, device)
+    cc_scores, cc_same = all_pairs(clean, clean, labels, skip_self=True)
+    oc_scores, oc_same = all_pairs(occluded, clean, labels, skip_self=False)
+    off_diag = ~np.eye(len(labels), dtype=bool).ravel()
+    oc_scores, oc_same = oc_scores.reshape(-1)[off_diag], oc_same.reshape(-1)[off_diag]
+    return {
+        "identities": int(len(np.unique(labels))), "images": int(len(rows)),
+        "clean": operating_points(cc_scores, cc_same), "occluded": operating_points(oc_scores, oc_same),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--default", action="store_true", help="make this the model FaceRecognizer() uses")
+    parser.add_argument("--description", default="")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    ckpt = read_checkpoint(args.checkpoint)
+    cfg = config_from_dict(ckpt["config"])
+    model = load_model(args.checkpoint).eval()
+    trunk = ("backbone.", "head.")
+    # Ship what training changed: FROM's pieces, plus any trunk tensor that differs from the trunk as its
+    # package provides it (fine-tuned blocks above the mask); the rest loads from the trunk's own package.
+    from fromface.models import create_model
+
+    original = create_model(ckpt["model_name"], **(ckpt.get("model_kwargs") or {})).state_dict()
+    trained = {k: v.contiguous() for k, v in model.state_dict().items()
+               if not k.startswith(trunk) or not torch.equal(v, original[k])}
+    calibration = calibrate(model, cfg)
+    name = f"{ckpt['model_name']}.{args.tag}"
+    weights = HERE / f"{name}.safetensors"
+    save_file(trained, str(weights))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {
+        "model": ckpt["model_name"], "tag": args.tag, "file": weights.name, "sha256": sha256_of(weights),
+        "kwargs": ckpt.get("model_kwargs") or {}, "default": bool(args.default),
+        "description": args.description, "trunk_prefixes": list(trunk),
+        "thresholds": {cond: {far: v["threshold"] for far, v in calibration[cond].items()}
+                       for cond in ("clean", "occluded")},
+        "calibration": calibration,
+        "validation": {k: ckpt.get(k) for k in ("best_metric", "step", "epoch")},
+        "trained_with": {"config": ckpt["config"], "commit": commit},
+        "shipped_with": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    (HERE / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(json.dumps({k: meta[k] for k in ("model", "tag", "sha256", "thresholds")}, indent=2))
+    print(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {name}.json")
+
+
+if __name__ == "__main__":
+    main()
