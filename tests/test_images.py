@@ -153,3 +153,17 @@ def test_decompression_bombs_refused():
 
 def test_errors_are_fromface_errors():
     assert issubclass(ImageError, FromfaceError)
+
+
+def test_truncated_file_rejected_even_when_pillow_is_lenient(tmp_path, monkeypatch):
+    """face_recognition turns on Pillow's global LOAD_TRUNCATED_IMAGES; our loader must stay strict."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    noisy = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = _encode(Image.fromarray(noisy), "JPEG")
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        load_image(cut)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is restored

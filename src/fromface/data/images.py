@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from fromface.errors import ImageError
 
@@ -107,6 +107,9 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(name, f"image is {width}x{height}, over the limit of {max_pixels:,} pixels")
+    # Some libraries (face_recognition among them) switch on Pillow's global "load truncated images",
+    # which would turn a cut-off file into silently grey pixels: be strict while we decode.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -116,4 +119,6 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(name, f"refused as a likely decompression bomb ({exc})") from None
     except Exception as exc:  # OSError for truncation, but plugins also raise struct.error, IndexError, ...
         raise ImageError(name, f"cannot decode image ({exc}); the file may be truncated or corrupt") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return _to_rgb(img, name)
