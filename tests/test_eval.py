@@ -309,3 +309,21 @@ def test_corrupt_image_is_a_one_line_error_with_workers(tree, tmp_path, capsys):
                "--workers", "2", "--batch-size", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "bob_0002.png" in err and "Traceback" not in err
+
+
+def test_registry_cache_key_follows_weights_not_tags():
+    import torch
+
+    from fromface.models import get_spec, register_pretrained
+
+    torch.manual_seed(0)
+    key1 = load_embedder("mobilefacenet").cache_key
+    register_pretrained("mobilefacenet", "test_only_tag", file="x")
+    try:
+        torch.manual_seed(0)
+        key2 = load_embedder("mobilefacenet").cache_key
+    finally:
+        get_spec("mobilefacenet").pretrained.pop("test_only_tag", None)
+    torch.manual_seed(1)
+    key3 = load_embedder("mobilefacenet").cache_key
+    assert key1 == key2 != key3

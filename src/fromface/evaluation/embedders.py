@@ -217,7 +217,8 @@ def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int
 
     spec_obj = get_spec(spec)  # raises ConfigError with close matches for unknown names
     model = create_model(spec)
-    tags = ",".join(sorted(spec_obj.pretrained)) or "builder-default"
-    weights = f"{tags}:{state_digest(model)}"
-    return TorchEmbedder(model, name=spec, source=f"registry:{spec}", weights_id=weights, select=select,
-                         fallback=fallback, flip=flip, batch_size=batch_size)
+    tags = ",".join(sorted(spec_obj.pretrained)) or "none"
+    # The cache key holds the weights' digest only: renaming or adding a pretrained tag must not invalidate it.
+    return TorchEmbedder(model, name=spec, source=f"registry:{spec} (pretrained tags: {tags})",
+                         weights_id=f"sha256:{state_digest(model)}", select=select, fallback=fallback, flip=flip,
+                         batch_size=batch_size)
