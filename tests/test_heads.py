@@ -67,3 +67,17 @@ def test_from_loss_combines_named_parts():
     torch.testing.assert_close(parts["total"], parts["margin"] + 0.5 * parts["pattern"])
     plain = loss(FaceOutput(embedding=out.embedding), labels)
     assert set(plain) == {"margin", "total"}
+
+
+def test_from_loss_without_margin_trains_no_classifier():
+    torch.manual_seed(0)
+    loss = FromLoss(8, 4, margin_weight=0.0, consistency_weight=2.0)
+    emb = torch.randn(3, 8, requires_grad=True)
+    target = torch.randn(3, 8)
+    parts = loss(FaceOutput(embedding=emb, pattern_logits=torch.randn(3, 10)), torch.tensor([0, 1, 3]),
+                 torch.tensor([0, 9, 4]), target)
+    assert "margin" not in parts
+    expected = 1.0 - F.cosine_similarity(emb, target, dim=1).mean()
+    torch.testing.assert_close(parts["consistency"], expected)
+    torch.testing.assert_close(parts["total"], parts["pattern"] + 2.0 * parts["consistency"])
+    assert not any(p.requires_grad for p in loss.classifier.parameters())

@@ -60,6 +60,7 @@ class LossConfig:
     scale: float = 30.0
     margin_value: float = 0.35
     pattern_weight: float = 1.0
+    margin_weight: float = 1.0  # 0 trains without the identity classifier (e.g. consistency only)
     consistency_weight: float = 0.0  # pull occluded masked embeddings toward a frozen trunk's clean ones
     consistency_cache: bool = False  # compute each clean target once (faster; last-bit float drift on resume)
 

@@ -11,14 +11,15 @@ from fromface.models.outputs import FaceOutput
 
 
 class FromLoss(nn.Module):
-    """Margin loss on the masked embedding + ``pattern_weight`` x pattern cross-entropy
-    (+ ``consistency_weight`` x consistency, beyond the paper).
+    """``margin_weight`` x margin loss on the masked embedding + ``pattern_weight`` x pattern
+    cross-entropy (+ ``consistency_weight`` x consistency, beyond the paper).
 
-    ``forward`` returns a dict: ``margin``, ``pattern`` (when the model predicts patterns and labels
-    are given), ``consistency`` (when a weight > 0 and target embeddings are given) and ``total``, so
-    logs can show every part. The consistency term is ``1 - cos(embedding, target)``, averaged over
-    the batch: with ``target`` a frozen trunk's embedding of the same face *unoccluded*, it pulls an
-    occluded face's masked embedding back to where the clean face sits.
+    ``forward`` returns a dict: ``margin`` (unless its weight is 0), ``pattern`` (when the model
+    predicts patterns and labels are given), ``consistency`` (when a weight > 0 and target
+    embeddings are given) and ``total``, so logs can show every part. The consistency term is
+    ``1 - cos(embedding, target)``, averaged over the batch: with ``target`` a frozen trunk's
+    embedding of the same face *unoccluded*, it pulls an occluded face's masked embedding back to
+    where the clean face sits.
     """
 
     def __init__(
@@ -30,6 +31,7 @@ class FromLoss(nn.Module):
         margin_value: float = 0.35,
         pattern_weight: float = 1.0,
         consistency_weight: float = 0.0,
+        margin_weight: float = 1.0,
     ):
         super().__init__()
         if margin not in MARGIN_HEADS:
@@ -37,6 +39,9 @@ class FromLoss(nn.Module):
         self.classifier = MARGIN_HEADS[margin](embedding_dim, num_classes, scale, margin_value)
         self.pattern_weight = pattern_weight
         self.consistency_weight = consistency_weight
+        self.margin_weight = margin_weight
+        if margin_weight == 0:  # no identity classifier to train (and none left unused under DDP)
+            self.classifier.requires_grad_(False)
 
     def forward(
         self,
@@ -45,8 +50,11 @@ class FromLoss(nn.Module):
         pattern_labels: torch.Tensor | None = None,
         target_embedding: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        losses = {"margin": F.cross_entropy(self.classifier(output.embedding, labels), labels)}
-        total = losses["margin"]
+        losses: dict[str, torch.Tensor] = {}
+        total = output.embedding.new_zeros(())
+        if self.margin_weight > 0:
+            losses["margin"] = F.cross_entropy(self.classifier(output.embedding, labels), labels)
+            total = total + self.margin_weight * losses["margin"]
         if output.pattern_logits is not None and pattern_labels is not None and self.pattern_weight > 0:
             losses["pattern"] = F.cross_entropy(output.pattern_logits.float(), pattern_labels)
             total = total + self.pattern_weight * losses["pattern"]

@@ -55,7 +55,8 @@ class Trainer:
         self.grid = getattr(self.model, "grid", None)
         self._build_data()
         loss = FromLoss(self.model.embedding_dim, self.split.num_classes, cfg.loss.margin, cfg.loss.scale,
-                        cfg.loss.margin_value, cfg.loss.pattern_weight, cfg.loss.consistency_weight)
+                        cfg.loss.margin_value, cfg.loss.pattern_weight, cfg.loss.consistency_weight,
+                        cfg.loss.margin_weight)
         if cfg.model.init:
             self._initialise(cfg.model.init, loss)
         teacher = None
