@@ -224,7 +224,7 @@ def test_pretrained_tag_weights_default_and_thresholds(tmp_path, monkeypatch):
     save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(weights))
     torch.save({"model_name": "mobilefacenet", "model_kwargs": {}, "state_dict": trained.state_dict()},
                tmp_path / "w.pt")
-    info = {"weights": str(weights), "default": True, "thresholds": {"clean": {"far1e-3": 0.5}}}
+    info = {"file": str(weights), "default": True, "thresholds": {"clean": {"far1e-3": 0.5}}}
     monkeypatch.setattr(get_spec("mobilefacenet"), "pretrained", {"v1": info})
     assert resolve_default_model() == "mobilefacenet"  # a tag marked default takes over
     by_name = FaceRecognizer(fallback=True, detector=NoDetector())

@@ -46,13 +46,9 @@ def operating_points(scores: np.ndarray, same: np.ndarray) -> dict[str, dict[str
     return out
 
 
-def all_pairs(emb_a: np.ndarray, emb_b: np.ndarray, labels: np.ndarray, skip_self: bool):
-    scores = emb_a @ emb_b.T
-    same = labels[:, None] == labels[None, :]
-    keep = ~np.eye(len(labels), dtype=bool) if skip_self else np.ones_like(same)
-    if skip_self:
-        keep &= np.triu(np.ones_like(same), 1)
-    return scores[keep], same[keep]
+def cross_scores(emb_a: np.ndarray, emb_b: np.ndarray, labels: np.ndarray, keep: np.ndarray):
+    """Cosine scores and same-identity flags of every (i, j) pair where ``keep[i, j]``."""
+    return (emb_a @ emb_b.T)[keep], (labels[:, None] == labels[None, :])[keep]
 
 
 def calibrate(model: torch.nn.Module, cfg) -> dict:
@@ -64,10 +60,9 @@ def calibrate(model: torch.nn.Module, cfg) -> dict:
     device = torch.device("cpu")
     clean = embed(model, PlainFaces(source, rows, p), 64, device)
     occluded = embed(model, PlainFaces(source, rows, p, build_occluder(cfg, p), seed=cfg.seed + 7), 64, device)
-    cc_scores, cc_same = all_pairs(clean, clean, labels, skip_self=True)
-    oc_scores, oc_same = all_pairs(occluded, clean, labels, skip_self=False)
-    off_diag = ~np.eye(len(labels), dtype=bool).ravel()
-    oc_scores, oc_same = oc_scores.reshape(-1)[off_diag], oc_same.reshape(-1)[off_diag]
+    n = len(labels)
+    cc_scores, cc_same = cross_scores(clean, clean, labels, np.triu(np.ones((n, n), bool), 1))  # each pair once
+    oc_scores, oc_same = cross_scores(occluded, clean, labels, ~np.eye(n, dtype=bool))  # not an image with itself
     return {
         "identities": int(len(np.unique(labels))), "images": int(len(rows)),
         "clean": operating_points(cc_scores, cc_same), "occluded": operating_points(oc_scores, oc_same),

@@ -139,28 +139,6 @@ def pick_tag(pretrained: dict, tag: str | None, model: str) -> str | None:
     return tag or next(iter(pretrained), None)
 
 
-def load_tag_weights(net: Any, info: dict, model: str, tag: str) -> None:
-    """Load a pretrained tag's weights when its info names them: ``weights``/``checkpoint`` is a path (safetensors
-    state dict or fromface training checkpoint) or a callable returning a state dict. Tags without one (ported
-    models that load their own weights when built) are left alone."""
-    source = info.get("weights") or info.get("checkpoint")
-    if source is None:
-        return
-    from fromface.training.checkpoint import load_weights, read_checkpoint
-
-    if callable(source):
-        state, where = source(), f"{model}:{tag}"
-    elif str(source).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        if not Path(source).is_file():
-            raise ConfigError(f"{source}: weights of {model}:{tag} not found")
-        state, where = load_file(str(source)), source
-    else:
-        state, where = read_checkpoint(source)["state_dict"], source
-    load_weights(net, state, where, strict=True)
-
-
 def lookup_threshold(thresholds: dict | None, condition: str, far: str) -> float | None:
     """Threshold for (condition, far) from a pretrained tag's ``thresholds``: nested ``{cond: {far: t}}``
     or flat keys ``cond/far``, ``cond_far``, ``cond-far``, ``cond:far``."""
@@ -262,14 +240,8 @@ class FaceRecognizer:
             net = load_model(model)
         elif isinstance(model, str):
             name, _, tag_in_name = model.partition(":")
-            pretrained = get_spec(name).pretrained
-            chosen = pick_tag(pretrained, tag or tag_in_name or None, name)
-            if chosen is not None and pretrained[chosen].get("file"):
-                net = create_model(name, pretrained=chosen)  # the factory checks the checksum and loads
-            else:
-                net = create_model(name)
-                if chosen is not None:
-                    load_tag_weights(net, dict(pretrained[chosen]), name, chosen)
+            chosen = pick_tag(get_spec(name).pretrained, tag or tag_in_name or None, name)
+            net = create_model(name, pretrained=chosen)  # the factory loads (and checksums) a tag's shipped weights
         else:
             raise ConfigError(f"model must be a registered name, a checkpoint path or an nn.Module; got {model!r}")
         return net.to(self.device).eval()
