@@ -94,3 +94,22 @@ def test_paper_configs_carry_the_paper_recipe():
     occ = load_config(CONFIGS / "paper" / "baseline_occaug_lresnet50e_ir.yaml")
     assert occ.model.name == "lresnet50e_ir" and occ.occlusion.enabled
     assert (occ.optim.lr, occ.schedule.epochs, occ.schedule.milestones) == (0.01, 40, [10, 25])
+
+
+def test_base_configs_merge_section_by_section(tmp_path):
+    (tmp_path / "parent.yaml").write_text("name: parent\nmodel:\n  name: from_iresnet18\n"
+                                          "  kwargs: {grid: 5, mask_stage: 2}\noptim: {lr: 0.1, name: sgd}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nmodel:\n  kwargs: {mask_stage: 3}\noptim: {lr: 0.01}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optim.momentum=0.5"])
+    assert cfg.name == "parent" and cfg.model.name == "from_iresnet18"
+    assert cfg.model.kwargs == {"grid": 5, "mask_stage": 3} and cfg.optim.lr == 0.01 and cfg.optim.name == "sgd"
+    assert cfg.optim.momentum == 0.5
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "orphan.yaml")
+    ablation = load_config(CONFIGS / "default" / "ablations" / "no_mask.yaml")
+    assert ablation.model.kwargs["use_mask"] is False and ablation.model.kwargs["mask_stage"] == 2
+    assert ablation.data.feature_cache_variants == 4 and ablation.schedule.epochs == 6

@@ -480,3 +480,99 @@ def test_gradient_accumulation_matches_the_whole_batch(faces, tmp_path):
                                                               progress=False).model.state_dict()["head.fc.weight"])
     with pytest.raises(ConfigError, match="accumulate=4"):
         Trainer(tiny_config(faces, tmp_path / "d", data={"accumulate": 4}), progress=False)
+
+
+def test_training_on_stored_trunk_outputs(faces, tmp_path):
+    """feature_cache_variants: lower trunk frozen and run once per stored version; the rest trains on its maps."""
+    from fromface.training.data import to_tensor
+    from fromface.training.feature_cache import StoredFaces
+
+    sections = {"data": {"feature_cache_variants": 2, "cache_dir": str(tmp_path / "cache")},
+                "model": {"kwargs": {"grid": 3, "mask_stage": 2}},
+                "loss": {"consistency_weight": 1.0}}
+    trainer = Trainer(tiny_config(faces, tmp_path / "a", **sections), progress=False)
+    assert isinstance(trainer.dataset, StoredFaces) and trainer.task.teacher is None
+    model = trainer.model
+    assert not any(p.requires_grad for p in model.backbone.parameters())  # the mask is on the last stage
+    folders = list((tmp_path / "cache").glob("features-*"))
+    assert len(folders) == 1 and not list((tmp_path / "cache").glob("*.tmp*"))
+
+    # version v of image i is exactly TrainFaces.sample(i, v): same flip and occluder as on-the-fly training
+    faces_ds, stored = trainer_faces(trainer), trainer.dataset
+    i, epoch = 3, 0
+    v = (epoch + int(stored.offsets[i])) % stored.variants
+    image, pattern, clean, _ = faces_ds.sample(i, v)
+    p = trainer.preprocess
+    maps, label, stored_pattern, target = stored[(i, epoch)]
+    model.eval()
+    with torch.no_grad():
+        want = model.backbone.forward_until(to_tensor(image, p.mean, p.std)[None], model.mask_stage)[-1][0]
+        want_target = model(to_tensor(clean, p.mean, p.std)[None]).features[0]
+    assert len(maps) == 3 and torch.allclose(maps[-1], want, atol=2e-2, rtol=2e-3) and stored_pattern == pattern
+    assert torch.allclose(target, want_target, atol=1e-4) and label == int(trainer.split.train_labels[i])
+    assert stored[(i, epoch + 1)][2] == int(stored.patterns[i * 2 + (v + 1) % 2])  # the next epoch: other version
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.set_train_mode()
+    parts = [trainer.train_step(*next(iter_stored(trainer))) for _ in range(2)]
+    assert parts[0]["consistency"] > 0 and "pattern" in parts[0]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
+    assert not torch.equal(before["mask_decoder.body.0.weight"], after["mask_decoder.body.0.weight"])
+
+    again = Trainer(tiny_config(faces, tmp_path / "b", **sections), progress=False)  # reuses the stored files
+    assert list((tmp_path / "cache").glob("features-*")) == folders and len(again.dataset) == len(stored)
+    other = Trainer(tiny_config(faces, tmp_path / "c", **{**sections, "occlusion": {"clean_prob": 0.9}}),
+                    progress=False)
+    assert len(list((tmp_path / "cache").glob("features-*"))) == 2 and other.stored
+    summary = again.fit()
+    assert summary["step"] == 6 and Path(summary["last_checkpoint"]).exists()
+
+
+def trainer_faces(trainer):
+    from fromface.training.data import TrainFaces
+
+    return TrainFaces(trainer.source, trainer.split.train_rows, trainer.split.train_labels, trainer.preprocess,
+                      trainer.cfg.seed, trainer.cfg.data.flip, trainer.occluder, trainer.cfg.occlusion.clean_prob,
+                      trainer.grid)
+
+
+def iter_stored(trainer):
+    for maps, labels, patterns, targets in trainer.loader(0, 0):
+        yield maps, labels, patterns, None, None, targets
+
+
+def test_from_without_mask_is_the_split_trunk():
+    from fromface.models import create_model
+
+    register_tiny()
+    plain = create_model(f"from_{TINY}", use_mask=False, grid=3).eval()
+    assert plain.mask_decoder is None and plain.pattern_head is None
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = plain(x)
+        direct = plain.head(plain.backbone(x)[-1])
+    assert out.mask is None and out.pattern_logits is None and torch.allclose(out.embedding, direct, atol=1e-6)
+
+
+def test_low_rank_head_adapter_starts_as_identity_and_trains():
+    import copy
+
+    from fromface.models import create_model
+
+    register_tiny()
+    plain = create_model(f"from_{TINY}", grid=3).eval()
+    adapted = create_model(f"from_{TINY}", grid=3, head_rank=2).eval()
+    adapted.load_state_dict(plain.state_dict(), strict=False)
+    assert {k for k in adapted.state_dict() if k not in plain.state_dict()} == {
+        "head_adapter.down.weight", "head_adapter.up.weight"}
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(adapted(x).embedding, plain(x).embedding, atol=1e-6)  # up starts at zero
+        adapted.head_adapter.up.weight.normal_()
+        changed = adapted(x).embedding
+        assert not torch.allclose(changed, plain(x).embedding, atol=1e-3)
+        twin = copy.deepcopy(adapted)  # the copy's hook uses the copy's adapter, not the original's
+        twin.head_adapter.up.weight.zero_()
+        assert torch.allclose(twin(x).embedding, plain(x).embedding, atol=1e-6)
+        assert torch.allclose(adapted(x).embedding, changed)

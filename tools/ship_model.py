@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--tag", required=True)
     parser.add_argument("--default", action="store_true", help="make this the model FaceRecognizer() uses")
     parser.add_argument("--description", default="")
+    parser.add_argument("--full-precision", dest="half", action="store_false",
+                        help="store float32 tensors (default: float16, half the size)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -89,6 +91,9 @@ def main() -> None:
     original = create_model(ckpt["model_name"], **(ckpt.get("model_kwargs") or {})).state_dict()
     trained = {k: v.contiguous() for k, v in model.state_dict().items()
                if not k.startswith(trunk) or not torch.equal(v, original[k])}
+    if args.half:  # half the file; the model is calibrated (and later used) with exactly these rounded values
+        trained = {k: v.half() if v.is_floating_point() else v for k, v in trained.items()}
+        model.load_state_dict(trained, strict=False)
     calibration = calibrate(model, cfg)
     name = f"{ckpt['model_name']}.{args.tag}"
     weights = HERE / f"{name}.safetensors"

@@ -75,6 +75,25 @@ class PatternPredictor(nn.Module):
         return self.norm_out(self.fc(self.dropout(self.norm_in(mask.flatten(1)))))
 
 
+class LowRankDelta(nn.Module):
+    """A trainable rank-r correction added to a frozen linear layer's output (as its forward hook).
+
+    SFace's head is one position-aware linear layer (50,176 -> 128, 6.4M weights): fine-tuning it
+    through ``up @ down`` lets the head re-weigh the visible positions while the shipped file stays
+    small. ``up`` starts at zero, so the network starts as it was.
+    """
+
+    def __init__(self, layer: nn.Linear, rank: int):
+        super().__init__()
+        self.down = nn.Linear(layer.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, layer.out_features, bias=False)
+        nn.init.zeros_(self.up.weight)
+        layer.register_forward_hook(self)
+
+    def forward(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        return output + self.up(self.down(inputs[0]))
+
+
 class FROM(nn.Module):
     """Face Recognition with Occlusion Masks around a plain recognizer.
 
@@ -91,6 +110,10 @@ class FROM(nn.Module):
         pyramid_channels: width of the pyramid and decoder (256 in the paper; less is cheaper on CPU).
         mask_init: if set, the decoder starts by predicting this mask value everywhere (e.g. 0.98), so
             FROM on a pretrained trunk starts out as the trunk itself.
+        use_mask: False builds the ablation "no mask": the same split network with nothing multiplied in
+            (no decoder, no pattern predictor), to tell the mask's effect from fine-tuning's.
+        head_rank: > 0 adds a :class:`LowRankDelta` of this rank to the head's last linear layer
+            (``head_adapter``), for fine-tuning a large head cheaply.
     """
 
     def __init__(
@@ -104,6 +127,8 @@ class FROM(nn.Module):
         dropout: float = 0.5,
         mask_init: float | None = None,
         mask_stage: int = -1,
+        use_mask: bool = True,
+        head_rank: int = 0,
     ):
         super().__init__()
         _check_options(mask_shape, mask_target, mask_source)
@@ -131,7 +156,16 @@ class FROM(nn.Module):
             self.mask_decoder = MaskDecoder(c5, mask_channels, stride=1, hidden=pyramid_channels)
         mask_numel = mask_channels * (h5 * w5 if mask_target == "features" else 1)
         self.pattern_head = PatternPredictor(mask_numel, num_patterns(grid), dropout)
-        if mask_init is not None:
+        self.use_mask = use_mask
+        self.head_adapter = None
+        if head_rank > 0:
+            linears = [m for m in self.head.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ConfigError(f"head_rank={head_rank}: the head of this recognizer has no linear layer")
+            self.head_adapter = LowRankDelta(linears[-1], head_rank)
+        if not use_mask:
+            self.pyramid = self.mask_decoder = self.pattern_head = None
+        elif mask_init is not None:
             self._init_mask(mask_init)
 
     def _init_mask(self, value: float) -> None:
@@ -154,8 +188,14 @@ class FROM(nn.Module):
         return self.head(stage_map)
 
     def forward(self, x: torch.Tensor) -> FaceOutput:
-        maps = self.backbone.forward_until(x, self.mask_stage)
+        return self.forward_maps(self.backbone.forward_until(x, self.mask_stage))
+
+    def forward_maps(self, maps: list[torch.Tensor]) -> FaceOutput:
+        """Everything from the stage maps up to the masked one (training on stored trunk outputs starts here)."""
         masked_map = maps[-1]
+        if not self.use_mask:
+            embedding = self._embed(masked_map)
+            return FaceOutput(embedding=embedding, features=None if self.training else embedding)
         mask = self.predict_mask(maps)
         pattern_logits = self.pattern_head(mask)
         # The unmasked embedding is for baselines and analysis; training does not need it.
@@ -193,11 +233,13 @@ def register_from_variant(backbone: str, description: str = "") -> Callable[...,
         pyramid_channels: int = 256,
         mask_init: float | None = None,
         mask_stage: int = -1,
+        use_mask: bool = True,
+        head_rank: int = 0,
         **backbone_kwargs,
     ) -> FROM:
         recognizer = spec.builder(**backbone_kwargs)
         return FROM(recognizer, grid, mask_shape, mask_target, mask_source, pyramid_channels,
-                    mask_init=mask_init, mask_stage=mask_stage)
+                    mask_init=mask_init, mask_stage=mask_stage, use_mask=use_mask, head_rank=head_rank)
 
     text = description or f"FROM (mask decoder + pattern predictor) on {backbone}"
     return register_model(f"from_{backbone}", spec.preprocess, text, spec.licence)(build)

@@ -42,6 +42,9 @@ class DataConfig:
     accumulate: int = 1  # split each process's batch into this many chunks (less memory; BN sees the chunks)
     num_workers: int = 0
     flip: bool = True
+    # > 0: draw this many augmented versions of each training image once, store the frozen trunk's maps below
+    # FROM's mask for them and train only the layers above (training/feature_cache.py; single process)
+    feature_cache_variants: int = 0
 
 
 @dataclass
@@ -71,6 +74,7 @@ class ParamGroupConfig:
     lr_mult: float = 1.0
     weight_decay: float | None = None
     freeze: bool = False
+    frozen_stats: bool = False  # train the weights but keep batch-norm statistics and dropout as they are
 
 
 @dataclass
@@ -319,20 +323,43 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML config (clear errors for a missing or malformed file) and apply overrides."""
-    path = Path(path)
+    """Read a YAML config (clear errors for a missing or malformed file) and apply overrides.
+
+    ``base: other.yaml`` (relative to the file) starts from another config: sections merge key by key,
+    so an ablation states only what it changes.
+    """
+    data = _read_yaml(Path(path), ())
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to this file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    try:
-        return config_from_dict(data or {}, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    data = data or {}
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be the path of another config file")
+    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), data)
+
+
+def _merge(base: dict, change: dict) -> dict:
+    out = dict(base)
+    for key, value in change.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def config_to_dict(config: TrainConfig) -> dict:

@@ -51,10 +51,14 @@ class TrainingTask(nn.Module):
             self.cached[keys[miss]] = True
         return self.cache[keys]
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor,
-                clean: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        target = self.targets(clean, keys) if self.teacher is not None and clean is not None else None
-        return self.loss(self.model(images), labels, patterns, target)
+    def forward(self, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, patterns: torch.Tensor,
+                clean: torch.Tensor | None = None, keys: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``images`` may be stored stage maps (a list), with their stored ``targets``."""
+        if targets is None and self.teacher is not None and clean is not None:
+            targets = self.targets(clean, keys)
+        output = self.model.forward_maps(images) if isinstance(images, list) else self.model(images)
+        return self.loss(output, labels, patterns, targets)
 
 
 def run_info(rt, resume: str | None) -> dict:

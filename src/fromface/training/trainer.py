@@ -53,14 +53,18 @@ class Trainer:
         self.model = create_model(cfg.model.name, **cfg.model.kwargs)
         self.preprocess = self.model.preprocess
         self.grid = getattr(self.model, "grid", None)
+        self.stored = cfg.data.feature_cache_variants > 0
         self._build_data()
         loss = FromLoss(self.model.embedding_dim, self.split.num_classes, cfg.loss.margin, cfg.loss.scale,
                         cfg.loss.margin_value, cfg.loss.pattern_weight, cfg.loss.consistency_weight,
                         cfg.loss.margin_weight)
         if cfg.model.init:
             self._initialise(cfg.model.init, loss)
+        if self.stored:
+            self._use_stored_outputs()
         teacher = None
-        if cfg.loss.consistency_weight > 0:  # the starting model, frozen: its clean embeddings are the targets
+        if cfg.loss.consistency_weight > 0 and not self.stored:  # stored runs keep the targets on disk
+            # the starting model, frozen: its clean embeddings are the targets
             teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         cache = 2 * len(self.dataset) if teacher is not None and cfg.loss.consistency_cache else 0
         self.task = TrainingTask(self.model, loss, teacher, cache).to(self.device)
@@ -114,14 +118,40 @@ class Trainer:
         if cfg.schedule.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.schedule.max_steps)
 
+    def _use_stored_outputs(self) -> None:
+        """Freeze the trunk below the mask and swap the dataset for its stored outputs (built once)."""
+        from fromface.training.feature_cache import StoredFaces, build_feature_cache, lower_parameter_names, maps_needed
+
+        cfg, model = self.cfg, self.model
+        if not hasattr(model, "forward_maps"):
+            raise ConfigError(f"data.feature_cache_variants needs a FROM model; {cfg.model.name} has no mask stage")
+        if self.rt.distributed:
+            raise ConfigError("data.feature_cache_variants is for single-process training; set it to 0 under torchrun")
+        lower = lower_parameter_names(model)
+        for name, param in model.named_parameters():
+            if name in lower:
+                param.requires_grad_(False)
+        above_mask = ("mask_shape", "mask_target", "mask_source", "pyramid_channels", "mask_init", "use_mask")
+        key = {"version": 1, "model": cfg.model.name, "init": cfg.model.init, "maps": maps_needed(model),
+               "kwargs": {k: v for k, v in cfg.model.kwargs.items() if k not in above_mask},
+               "mask_stage": model.mask_stage, "train": str(Path(cfg.data.train).resolve()),
+               "images": len(self.dataset),
+               "val_identities": cfg.data.val_identities, "seed": cfg.seed, "flip": cfg.data.flip,
+               "occlusion": config_to_dict(cfg)["occlusion"], "variants": cfg.data.feature_cache_variants}
+        key["occlusion"].pop("val", None)
+        root = Path(cfg.data.cache_dir or Path(cfg.output_dir) / "cache")
+        folder = build_feature_cache(model, self.dataset, cfg.data.feature_cache_variants, root, key,
+                                     workers=cfg.data.num_workers, progress=self.progress)
+        self.dataset = StoredFaces(folder, self.split.train_labels, cfg.seed)
+
     def _build_optimisation(self) -> None:
         cfg = self.cfg
-        if cfg.loss.pattern_weight == 0 and hasattr(self.model, "pattern_head"):
+        if cfg.loss.pattern_weight == 0 and getattr(self.model, "pattern_head", None) is not None:
             self.model.pattern_head.requires_grad_(False)  # unused: keep DDP free of unused parameters
         named = [(n, p) for n, p in self.model.named_parameters()]
         named += [(f"loss.{n}", p) for n, p in self.task.loss.named_parameters()]
         self.groups = param_groups(named, cfg.optim)
-        self.frozen_modules = [r.prefix.rstrip(".") for r in cfg.optim.groups if r.freeze]
+        self.frozen_modules = [r.prefix.rstrip(".") for r in cfg.optim.groups if r.freeze or r.frozen_stats]
         self.params = [p for g in self.groups for p in g["params"]]
         self.optimizer = build_optimizer(self.groups, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, self.total_steps, cfg.schedule)
@@ -205,14 +235,25 @@ class Trainer:
             except AttributeError:
                 pass
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, patterns: torch.Tensor,
-                   clean: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> dict[str, float]:
-        """One optimiser step (over ``data.accumulate`` chunks of the batch); returns the loss parts as floats."""
+    def train_step(self, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, patterns: torch.Tensor,
+                   clean: torch.Tensor | None = None, keys: torch.Tensor | None = None,
+                   targets: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimiser step (over ``data.accumulate`` chunks of the batch); returns the loss parts as floats.
+
+        ``images`` is a list of stored stage maps when training on stored trunk outputs; ``targets`` are then
+        the stored consistency targets.
+        """
         dev, fmt, chunks = self.device, self.memory_format, self.cfg.data.accumulate
-        images, labels, patterns = images.to(dev, memory_format=fmt), labels.to(dev), patterns.to(dev)
+        labels, patterns = labels.to(dev), patterns.to(dev)
+        if isinstance(images, (list, tuple)):
+            per_map = [m.to(dev, memory_format=fmt).chunk(chunks) for m in images]
+            images_parts = [list(c) for c in zip(*per_map)]
+        else:
+            images_parts = images.to(dev, memory_format=fmt).chunk(chunks)
         clean = clean.to(dev, memory_format=fmt) if clean is not None else None
-        inputs = [images, labels, patterns, clean, keys]
-        parts = [t.chunk(chunks) if t is not None else [None] * chunks for t in inputs]
+        targets = targets.to(dev) if targets is not None else None
+        inputs = [labels, patterns, clean, keys, targets]
+        parts = [images_parts] + [t.chunk(chunks) if t is not None else [None] * chunks for t in inputs]
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for j in range(chunks):
@@ -257,6 +298,8 @@ class Trainer:
             while self.step < self.total_steps:
                 self.set_train_mode()
                 for batch in self.loader(self.epoch, self.batch_in_epoch):
+                    if self.stored:  # (maps, labels, patterns, targets)
+                        batch = (*batch[:3], None, None, batch[3])
                     window.append(self.train_step(*batch))
                     self.batch_in_epoch += 1
                     if self.batch_in_epoch == self.steps_per_epoch:
