@@ -111,5 +111,5 @@ def test_base_configs_merge_section_by_section(tmp_path):
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_config(tmp_path / "orphan.yaml")
     ablation = load_config(CONFIGS / "default" / "ablations" / "no_mask.yaml")
-    assert ablation.model.kwargs["use_mask"] is False and ablation.model.kwargs["mask_stage"] == 2
-    assert ablation.data.feature_cache_variants == 4 and ablation.schedule.epochs == 6
+    assert ablation.model.kwargs["use_mask"] is False and ablation.model.kwargs["mask_stage"] == 1
+    assert ablation.data.feature_cache_variants == 4 and ablation.schedule.epochs == 2

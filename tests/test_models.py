@@ -156,4 +156,11 @@ def test_intermediate_mask_stage_runs_upper_stages_on_the_masked_map():
     torch.testing.assert_close(out.features, plain)
     with pytest.raises(ConfigError, match="fewer than three"):
         create_model("from_iresnet18", mask_stage=1)
+    early = create_model("from_iresnet18", mask_stage=1, mask_source="last", mask_shape="2d").eval()
+    with torch.no_grad():
+        out = early(x)
+        c2 = early.backbone.forward_until(x, 1)[-1]
+        expected = early.head(early.backbone.forward_after(c2 * out.mask, 1))
+    assert out.mask.shape == (2, 128, 28, 28)
+    torch.testing.assert_close(out.embedding, expected)
 

@@ -140,11 +140,13 @@ class FROM(nn.Module):
 
         shapes = self.backbone.stage_shapes(*self.input_size)
         self.mask_stage = mask_stage % len(shapes)
-        if self.mask_stage < 2:
-            raise ConfigError(f"mask_stage {mask_stage} leaves fewer than three stage maps for the pyramid")
+        if self.mask_stage < 2 and mask_source == "pyramid":
+            raise ConfigError(f"mask_stage {mask_stage} leaves fewer than three stage maps for the pyramid; "
+                              "use mask_source='last'")
         if self.mask_stage != len(shapes) - 1 and not hasattr(self.backbone, "forward_after"):
             raise ConfigError(f"{type(self.backbone).__name__} cannot mask an intermediate stage")
-        (c3, _, _), (c4, _, _), (c5, h5, w5) = shapes[self.mask_stage - 2: self.mask_stage + 1]
+        c3, c4 = shapes[max(self.mask_stage - 2, 0)][0], shapes[max(self.mask_stage - 1, 0)][0]
+        c5, h5, w5 = shapes[self.mask_stage]
         self.mask_size = (h5, w5)
         mask_channels = {"2d": 1, "3d": c5}[mask_shape] if mask_target == "features" else self.embedding_dim
 

@@ -48,6 +48,24 @@ def maps_needed(model: nn.Module) -> int:
     return 3 if getattr(model, "pyramid", None) is not None else 1
 
 
+#: model options that change only what lies above the stored maps (runs differing in these share the files)
+ABOVE_MASK_OPTIONS = ("mask_shape", "mask_target", "mask_source", "pyramid_channels", "mask_init", "use_mask",
+                      "head_rank")
+
+
+def stored_outputs_key(cfg, model: nn.Module, images: int) -> dict:
+    """Everything the stored files depend on: the trunk below the mask, the data, the augmentation."""
+    from fromface.training.config import config_to_dict
+
+    occlusion = config_to_dict(cfg)["occlusion"]
+    occlusion.pop("val", None)
+    return {"version": 1, "model": cfg.model.name, "init": cfg.model.init, "maps": maps_needed(model),
+            "kwargs": {k: v for k, v in cfg.model.kwargs.items() if k not in ABOVE_MASK_OPTIONS},
+            "mask_stage": model.mask_stage, "train": str(Path(cfg.data.train).resolve()), "images": images,
+            "val_identities": cfg.data.val_identities, "seed": cfg.seed, "flip": cfg.data.flip,
+            "occlusion": occlusion, "variants": cfg.data.feature_cache_variants}
+
+
 def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -120,7 +120,12 @@ class Trainer:
 
     def _use_stored_outputs(self) -> None:
         """Freeze the trunk below the mask and swap the dataset for its stored outputs (built once)."""
-        from fromface.training.feature_cache import StoredFaces, build_feature_cache, lower_parameter_names, maps_needed
+        from fromface.training.feature_cache import (
+            StoredFaces,
+            build_feature_cache,
+            lower_parameter_names,
+            stored_outputs_key,
+        )
 
         cfg, model = self.cfg, self.model
         if not hasattr(model, "forward_maps"):
@@ -131,14 +136,7 @@ class Trainer:
         for name, param in model.named_parameters():
             if name in lower:
                 param.requires_grad_(False)
-        above_mask = ("mask_shape", "mask_target", "mask_source", "pyramid_channels", "mask_init", "use_mask")
-        key = {"version": 1, "model": cfg.model.name, "init": cfg.model.init, "maps": maps_needed(model),
-               "kwargs": {k: v for k, v in cfg.model.kwargs.items() if k not in above_mask},
-               "mask_stage": model.mask_stage, "train": str(Path(cfg.data.train).resolve()),
-               "images": len(self.dataset),
-               "val_identities": cfg.data.val_identities, "seed": cfg.seed, "flip": cfg.data.flip,
-               "occlusion": config_to_dict(cfg)["occlusion"], "variants": cfg.data.feature_cache_variants}
-        key["occlusion"].pop("val", None)
+        key = stored_outputs_key(cfg, model, len(self.dataset))
         root = Path(cfg.data.cache_dir or Path(cfg.output_dir) / "cache")
         folder = build_feature_cache(model, self.dataset, cfg.data.feature_cache_variants, root, key,
                                      workers=cfg.data.num_workers, progress=self.progress)
