@@ -277,3 +277,13 @@ def test_align_cli_all_faces_and_pickled_aligner(tmp_path, capsys, group_photo):
 def test_align_cli_bad_source(tmp_path, capsys):
     assert main(["align", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_non_finite_yunet_rows_are_not_faces():
+    from fromface.inference.detection import _parse_yunet
+
+    good = np.array([10, 20, 30, 40, 15, 30, 30, 30, 22, 38, 17, 50, 28, 50, 0.9], dtype=np.float32)
+    broken = good.copy()
+    broken[2] = np.nan  # seen from YuNet on flat synthetic images
+    found = _parse_yunet(np.stack([broken, good]), factor=2.0)
+    assert len(found) == 1 and found[0].box.tolist() == [20, 40, 80, 120] and np.isfinite(found[0].landmarks).all()

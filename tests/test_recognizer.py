@@ -178,8 +178,8 @@ def test_default_model_resolves():
     assert name in list_models()
     if name == FALLBACK_MODEL:  # the pretrained port is missing: the user must be told loudly
         assert any("UNTRAINED" in str(w.message) for w in caught)
-    else:
-        assert name == DEFAULT_MODEL and not caught
+    else:  # the shipped FROM tag marked default takes over from DEFAULT_MODEL (the plain SFace port)
+        assert name in ("from_sface_net", DEFAULT_MODEL) and not caught
 
 
 @pytest.mark.data
@@ -226,6 +226,7 @@ def test_pretrained_tag_weights_default_and_thresholds(tmp_path, monkeypatch):
                tmp_path / "w.pt")
     info = {"file": str(weights), "default": True, "thresholds": {"clean": {"far1e-3": 0.5}}}
     monkeypatch.setattr(get_spec("mobilefacenet"), "pretrained", {"v1": info})
+    monkeypatch.setattr(get_spec("from_sface_net"), "pretrained", {})  # the shipped default steps aside
     assert resolve_default_model() == "mobilefacenet"  # a tag marked default takes over
     by_name = FaceRecognizer(fallback=True, detector=NoDetector())
     assert by_name.model_name == "mobilefacenet" and by_name.tag == "v1"

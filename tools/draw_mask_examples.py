@@ -4,7 +4,8 @@
 
 Top row: the aligned crop the model sees (an example photo, clean or occluded by fromface's synthesiser
 with one occluder category each, seed fixed). Bottom row: the predicted soft mask over its feature
-map, drawn as a heat map (red = feature suppressed), and the predicted occlusion pattern (green box;
+map, drawn as a heat map (no tint: mask >= 0.95; full red: mask <= 0.7, the feature suppressed), and the
+predicted occlusion pattern (green box;
 pattern 0 = "no occlusion" draws none), with the mask's smallest value.
 """
 
@@ -42,7 +43,8 @@ def _overlay(crop: np.ndarray, mask: np.ndarray, pattern: int, grid: int) -> np.
     suppressed = 1.0 - cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
     heat = np.zeros_like(crop)
     heat[..., 0] = 255
-    alpha = np.clip(suppressed / max(float(suppressed.max()), 1e-6), 0, 1)[..., None] * 0.7
+    # one fixed scale for every tile: no tint at mask >= 0.95, full tint at mask <= 0.7
+    alpha = np.clip((suppressed - 0.05) / 0.25, 0, 1)[..., None] * 0.7
     view = (crop * (1 - alpha) + heat * alpha).astype(np.uint8)
     if pattern > 0:
         top, left, bottom, right = pattern_boxes(h, w, grid)[pattern]

@@ -150,6 +150,8 @@ def _parse_yunet(faces: np.ndarray | None, factor: float) -> list[Detection]:
         return []
     out = []
     for row in np.asarray(faces, dtype=np.float64):
+        if not np.all(np.isfinite(row[:15])):  # YuNet can emit NaN rows on flat images: not a face
+            continue
         x, y, bw, bh = row[:4]
         box = np.array([x, y, x + bw, y + bh]) * factor
         landmarks = row[4:14].reshape(5, 2) * factor
