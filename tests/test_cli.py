@@ -15,3 +15,14 @@ def test_models_command_lists_registered_models(capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
+
+
+def test_closed_output_pipe_is_not_a_traceback():
+    import subprocess
+    import sys
+
+    code = "import sys; from fromface.cli.main import main; sys.exit(main(['models']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `fromface models | head -0`: the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
