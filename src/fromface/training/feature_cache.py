@@ -188,3 +188,21 @@ class StoredFaces(torch.utils.data.Dataset):
         k = i * self.variants + (epoch + int(self.offsets[i])) % self.variants
         maps = [torch.from_numpy(np.asarray(m[k], dtype=np.float32)) for m in self.maps]
         return maps, int(self.labels[i]), int(self.patterns[k]), torch.from_numpy(self.targets[k])
+
+
+def stored_dataset(cfg, model: nn.Module, faces: TrainFaces, labels: np.ndarray, distributed: bool = False,
+                   progress: bool = True) -> StoredFaces:
+    """The trainer's entry point: freeze the trunk below the mask, store its outputs once, return the dataset."""
+    if not hasattr(model, "forward_maps"):
+        raise ConfigError(f"data.feature_cache_variants needs a FROM model; {cfg.model.name} has no mask stage")
+    if distributed:
+        raise ConfigError("data.feature_cache_variants is for single-process training; set it to 0 under torchrun")
+    lower = lower_parameter_names(model)
+    for name, param in model.named_parameters():
+        if name in lower:
+            param.requires_grad_(False)
+    root = Path(cfg.data.cache_dir or Path(cfg.output_dir) / "cache")
+    folder = build_feature_cache(model, faces, cfg.data.feature_cache_variants, root,
+                                 stored_outputs_key(cfg, model, len(faces)), workers=cfg.data.num_workers,
+                                 progress=progress)
+    return StoredFaces(folder, labels, cfg.seed)

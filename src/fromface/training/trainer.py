@@ -61,7 +61,10 @@ class Trainer:
         if cfg.model.init:
             self._initialise(cfg.model.init, loss)
         if self.stored:
-            self._use_stored_outputs()
+            from fromface.training.feature_cache import stored_dataset
+
+            self.dataset = stored_dataset(cfg, self.model, self.dataset, self.split.train_labels, self.rt.distributed,
+                                          self.progress)
         teacher = None
         if cfg.loss.consistency_weight > 0 and not self.stored:  # stored runs keep the targets on disk
             # the starting model, frozen: its clean embeddings are the targets
@@ -117,30 +120,6 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
         if cfg.schedule.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.schedule.max_steps)
-
-    def _use_stored_outputs(self) -> None:
-        """Freeze the trunk below the mask and swap the dataset for its stored outputs (built once)."""
-        from fromface.training.feature_cache import (
-            StoredFaces,
-            build_feature_cache,
-            lower_parameter_names,
-            stored_outputs_key,
-        )
-
-        cfg, model = self.cfg, self.model
-        if not hasattr(model, "forward_maps"):
-            raise ConfigError(f"data.feature_cache_variants needs a FROM model; {cfg.model.name} has no mask stage")
-        if self.rt.distributed:
-            raise ConfigError("data.feature_cache_variants is for single-process training; set it to 0 under torchrun")
-        lower = lower_parameter_names(model)
-        for name, param in model.named_parameters():
-            if name in lower:
-                param.requires_grad_(False)
-        key = stored_outputs_key(cfg, model, len(self.dataset))
-        root = Path(cfg.data.cache_dir or Path(cfg.output_dir) / "cache")
-        folder = build_feature_cache(model, self.dataset, cfg.data.feature_cache_variants, root, key,
-                                     workers=cfg.data.num_workers, progress=self.progress)
-        self.dataset = StoredFaces(folder, self.split.train_labels, cfg.seed)
 
     def _build_optimisation(self) -> None:
         cfg = self.cfg
