@@ -525,6 +525,13 @@ def test_training_on_stored_trunk_outputs(faces, tmp_path):
     other = Trainer(tiny_config(faces, tmp_path / "c", **{**sections, "occlusion": {"clean_prob": 0.9}}),
                     progress=False)
     assert len(list((tmp_path / "cache").glob("features-*"))) == 2 and other.stored
+    from fromface.training.feature_cache import fingerprint, stored_outputs_key
+
+    key = fingerprint(stored_outputs_key(again.cfg, again.model, len(again.dataset)))
+    assert folders[0].name == f"features-{key}"
+    with torch.no_grad():  # new trunk weights (say, an updated package) must not reuse the stored maps
+        next(again.model.backbone.parameters()).add_(1.0)
+    assert fingerprint(stored_outputs_key(again.cfg, again.model, len(again.dataset))) != key
     summary = again.fit()
     assert summary["step"] == 6 and Path(summary["last_checkpoint"]).exists()
 

@@ -56,15 +56,6 @@ def _file_identity(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{digest.hexdigest()[:16]}"
 
 
-def state_digest(model) -> str:
-    """Short hash of a model's weights, so the cache notices when a package ships new ones."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _to_batch(crops: list[np.ndarray], preprocess) -> np.ndarray:
     """Aligned uint8 RGB crops -> normalised float32 N x 3 x H x W, as the model's Preprocess says."""
     import cv2
@@ -214,6 +205,7 @@ def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int
             raise ConfigError(f"{path}: ONNX file not found")
         return OnnxEmbedder(path, select=select, fallback=fallback, flip=flip, batch_size=batch_size)
     from fromface.models import create_model, get_spec
+    from fromface.models.weights import state_digest
 
     spec_obj = get_spec(spec.split(":", 1)[0])  # "name:tag" too; unknown names list close matches
     model = create_model(spec)

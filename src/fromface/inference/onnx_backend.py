@@ -95,18 +95,9 @@ def export_onnx(model, path: str | os.PathLike, tag: str | None = None, threshol
     return path
 
 
-def state_digest(model) -> str:
-    """Short hash of a model's weights: the export cache key."""
-    digest = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def cached_export(model, tag: str | None = None, thresholds: dict | None = None) -> Path:
     """Export once per (model name, weights, thresholds) into ``$FROMFACE_CACHE/onnx`` and reuse the file."""
-    from fromface.models.weights import cache_dir
+    from fromface.models.weights import cache_dir, state_digest
 
     name = getattr(model, "model_name", type(model).__name__)
     extra = hashlib.sha256(json.dumps([tag, thresholds or {}], sort_keys=True).encode()).hexdigest()[:6]

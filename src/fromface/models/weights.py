@@ -46,6 +46,15 @@ def package_file(package: str, relative: str, install_hint: str = "") -> Path:
     raise ConfigError(f"{Path(roots[0]) / relative}: weight file missing from the installed package {package!r}")
 
 
+def state_digest(module: torch.nn.Module) -> str:
+    """Short hash of a module's weights: cache keys that notice when a package ships new ones."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     """Where converted weights live: ``$FROMFACE_CACHE`` or ``~/.cache/fromface``."""
     env = os.environ.get("FROMFACE_CACHE")

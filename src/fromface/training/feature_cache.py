@@ -59,7 +59,11 @@ def stored_outputs_key(cfg, model: nn.Module, images: int) -> dict:
 
     occlusion = config_to_dict(cfg)["occlusion"]
     occlusion.pop("val", None)
-    return {"version": 1, "model": cfg.model.name, "init": cfg.model.init, "maps": maps_needed(model),
+    from fromface.models.weights import state_digest
+
+    # the trunk's own weights (its package may ship new ones); FROM's new parts do not shape what is stored
+    trunk = f"{state_digest(model.backbone)}:{state_digest(model.head)}"
+    return {"version": 1, "model": cfg.model.name, "init": cfg.model.init, "trunk": trunk, "maps": maps_needed(model),
             "kwargs": {k: v for k, v in cfg.model.kwargs.items() if k not in ABOVE_MASK_OPTIONS},
             "mask_stage": model.mask_stage, "train": str(Path(cfg.data.train).resolve()), "images": images,
             "val_identities": cfg.data.val_identities, "seed": cfg.seed, "flip": cfg.data.flip,
