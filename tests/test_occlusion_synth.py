@@ -272,3 +272,20 @@ def test_shared_occluder_library() -> None:
         h, w = o.size
         assert (o.anchors[:, 0] > -0.25 * w).all() and (o.anchors[:, 0] < 1.25 * w).all()
         assert (o.anchors[:, 1] > -0.1 * h).all() and (o.anchors[:, 1] < 1.1 * h).all()
+
+
+def test_unseen_occluder_tool_writes_a_library_the_face_preset_uses(tmp_path: Path, face: np.ndarray) -> None:
+    import subprocess
+    import sys
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "make_unseen_occluders.py"
+    subprocess.run([sys.executable, str(tool), str(tmp_path / "unseen"), "--per-category", "2"], check=True,
+                   capture_output=True)
+    lib = OccluderLibrary.from_folder(tmp_path / "unseen")
+    assert len(lib) == 8 and all(c.startswith("unseen_") for c in lib.categories) and len(lib.categories) == 4
+    assert all(occ.kind == "rgba" and 0.05 < occ.coverage <= 1.0 for occ in lib)
+    synth = Synthesizer(lib, preset="face", coverage=(0.25, 0.3))
+    for i in range(12):
+        res = synth.occlude(face, rng_for(3, i), landmarks=LANDMARKS)
+        assert res.record["placement"] == "anywhere"
+        assert 0.2 <= res.covered_fraction <= 0.35, res.record
