@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -81,3 +82,28 @@ def test_from_loss_without_margin_trains_no_classifier():
     torch.testing.assert_close(parts["consistency"], expected)
     torch.testing.assert_close(parts["total"], parts["pattern"] + 2.0 * parts["consistency"])
     assert not any(p.requires_grad for p in loss.classifier.parameters())
+
+
+def test_mask_loss_targets_the_pattern_rectangle():
+    from fromface.occlusion.patterns import patterns
+
+    loss = FromLoss(8, 4, margin_weight=0.0, pattern_weight=0.0, mask_weight=0.5, grid=5)
+    labels = torch.tensor([0, 37, 200])  # clean, then two rectangles of the 5x5 grid
+    visible = 1.0 - torch.from_numpy(patterns(10, 10, 5))[labels].float()
+    emb = torch.randn(3, 8)
+
+    def parts_for(mask: torch.Tensor) -> dict:
+        out = FaceOutput(embedding=emb, mask=mask[:, None].expand(3, 6, 10, 10), pattern_logits=torch.randn(3, 226))
+        return loss(out, torch.tensor([0, 1, 2]), labels)
+
+    right = parts_for(visible * 0.98 + 0.01)
+    flat = parts_for(torch.full((3, 10, 10), 0.9))
+    inverted = parts_for((1 - visible) * 0.98 + 0.01)
+    assert right["mask"] < 0.05 < flat["mask"] < inverted["mask"]
+    torch.testing.assert_close(right["total"], 0.5 * right["mask"])
+    grad_mask = torch.full((3, 10, 10), 0.9, requires_grad=True)
+    parts_for(grad_mask)["total"].backward()
+    assert (grad_mask.grad[1][visible[1] == 0] > 0).all()  # occluded cells are pushed down
+    assert (grad_mask.grad[0] < 0).all()  # a clean face's mask is pushed up everywhere
+    with pytest.raises(ValueError, match="grid"):
+        FromLoss(8, 4, mask_weight=1.0)

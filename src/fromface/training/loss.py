@@ -8,6 +8,7 @@ from torch import nn
 
 from fromface.models.heads import MARGIN_HEADS
 from fromface.models.outputs import FaceOutput
+from fromface.occlusion.patterns import patterns
 
 
 class FromLoss(nn.Module):
@@ -20,6 +21,10 @@ class FromLoss(nn.Module):
     ``1 - cos(embedding, target)``, averaged over the batch: with ``target`` a frozen trunk's
     embedding of the same face *unoccluded*, it pulls an occluded face's masked embedding back to
     where the clean face sits.
+
+    ``mask_weight`` > 0 (also beyond the paper) supervises the soft mask itself: binary cross-entropy
+    toward 0 inside the labelled pattern's rectangle and 1 elsewhere (all 1 for clean faces), so the
+    mask has to switch the occluded features off rather than leave that to the layers above it.
     """
 
     def __init__(
@@ -32,6 +37,8 @@ class FromLoss(nn.Module):
         pattern_weight: float = 1.0,
         consistency_weight: float = 0.0,
         margin_weight: float = 1.0,
+        mask_weight: float = 0.0,
+        grid: int | None = None,
     ):
         super().__init__()
         if margin not in MARGIN_HEADS:
@@ -40,6 +47,9 @@ class FromLoss(nn.Module):
         self.pattern_weight = pattern_weight
         self.consistency_weight = consistency_weight
         self.margin_weight = margin_weight
+        if mask_weight > 0 and grid is None:
+            raise ValueError("mask_weight needs the pattern grid of the model")
+        self.mask_weight, self.grid = mask_weight, grid
         if margin_weight == 0:  # no identity classifier to train (and none left unused under DDP)
             self.classifier.requires_grad_(False)
 
@@ -62,5 +72,15 @@ class FromLoss(nn.Module):
             cos = F.cosine_similarity(output.embedding.float(), target_embedding.float().detach(), dim=1)
             losses["consistency"] = (1.0 - cos).mean()
             total = total + self.consistency_weight * losses["consistency"]
+        if self.mask_weight > 0 and output.mask is not None and output.mask.dim() == 4 and pattern_labels is not None:
+            losses["mask"] = self._mask_loss(output.mask, pattern_labels)
+            total = total + self.mask_weight * losses["mask"]
         losses["total"] = total
         return losses
+
+    def _mask_loss(self, mask: torch.Tensor, pattern_labels: torch.Tensor) -> torch.Tensor:
+        """BCE between the (channel-averaged) mask and "visible" = outside the pattern's rectangle."""
+        mask = mask.float().mean(dim=1)
+        covered = torch.from_numpy(patterns(mask.shape[1], mask.shape[2], self.grid)).to(mask.device)
+        visible = 1.0 - covered[pattern_labels].float()
+        return F.binary_cross_entropy(mask.clamp(1e-4, 1 - 1e-4), visible)

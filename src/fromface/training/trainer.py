@@ -57,7 +57,7 @@ class Trainer:
         self._build_data()
         loss = FromLoss(self.model.embedding_dim, self.split.num_classes, cfg.loss.margin, cfg.loss.scale,
                         cfg.loss.margin_value, cfg.loss.pattern_weight, cfg.loss.consistency_weight,
-                        cfg.loss.margin_weight)
+                        cfg.loss.margin_weight, cfg.loss.mask_weight, self.grid)
         if cfg.model.init:
             self._initialise(cfg.model.init, loss)
         if self.stored:
