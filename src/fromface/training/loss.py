@@ -81,6 +81,6 @@ class FromLoss(nn.Module):
     def _mask_loss(self, mask: torch.Tensor, pattern_labels: torch.Tensor) -> torch.Tensor:
         """BCE between the (channel-averaged) mask and "visible" = outside the pattern's rectangle."""
         mask = mask.float().mean(dim=1)
-        covered = torch.from_numpy(patterns(mask.shape[1], mask.shape[2], self.grid)).to(mask.device)
+        covered = torch.tensor(patterns(mask.shape[1], mask.shape[2], self.grid), device=mask.device)
         visible = 1.0 - covered[pattern_labels].float()
         return F.binary_cross_entropy(mask.clamp(1e-4, 1 - 1e-4), visible)
