@@ -89,7 +89,7 @@ def test_mask_loss_targets_the_pattern_rectangle():
 
     loss = FromLoss(8, 4, margin_weight=0.0, pattern_weight=0.0, mask_weight=0.5, grid=5)
     labels = torch.tensor([0, 37, 200])  # clean, then two rectangles of the 5x5 grid
-    visible = 1.0 - torch.from_numpy(patterns(10, 10, 5))[labels].float()
+    visible = 1.0 - torch.tensor(patterns(10, 10, 5))[labels].float()
     emb = torch.randn(3, 8)
 
     def parts_for(mask: torch.Tensor) -> dict:
