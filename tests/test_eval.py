@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,10 @@ def test_cache_reuses_and_notices_changes(tree, tmp_path):
     second = embed_images(emb, paths, tmp_path / "cache", progress=False)
     assert second.cached == 9 and second.computed == 0 and emb.calls == 9
     assert np.allclose(first.embeddings, second.embeddings)
+    # a copy elsewhere (new paths, new file times) is still the same images
+    copied = shutil.copytree(tree, tmp_path / "copy", copy_function=shutil.copyfile)
+    moved = embed_images(emb, sorted(Path(copied).rglob("*.png")), tmp_path / "cache", progress=False)
+    assert moved.cached == 9 and emb.calls == 9
     Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(paths[0])
     os.utime(paths[0], ns=(1, 10**18))
     third = embed_images(emb, paths, tmp_path / "cache", progress=False)

@@ -1,8 +1,10 @@
 """Embed a list of images once per model, with a persistent cache so a second run is fast.
 
 The cache is one SQLite file per embedder setting (named by a hash of its ``cache_key``), holding one row
-per image keyed by the image's resolved path, modification time and size: an edited image is embedded
-again, an unchanged one never. Rows are committed every batch, so an interrupted run resumes.
+per image keyed by a digest of the image file's bytes: an edited image is embedded again, while an
+unchanged one is found even after the data is copied, moved or touched (a key of path and modification
+time missed every time the data folder was restored). Rows are committed every batch, so an
+interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from fromface.evaluation.embedders import Embedder, EmbedResult
 
 
 def image_key(path: Path) -> str:
-    """Cache key of an image file: resolved path, mtime (ns) and size."""
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}"
+    """Cache key of an image file: a digest of its bytes (identical files share their embedding)."""
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"blake2b:{digest.hexdigest()}"
 
 
 class EmbeddingCache:
