@@ -138,6 +138,10 @@ def test_mask_init_starts_near_the_trunk():
         out = model(torch.randn(2, 3, 112, 112))
     assert torch.allclose(out.mask, torch.full_like(out.mask, 0.98), atol=0.01)
     assert model.pyramid.smooth3.out_channels == 64
+    # the last decoder weights are small but not so small that the decoder starts on a plateau
+    assert model.mask_decoder.body[-1].weight.std().item() == pytest.approx(1e-2, rel=0.2)
+    pinned = create_model("from_iresnet18", grid=3, pyramid_channels=64, mask_init=0.98, mask_init_std=1e-3)
+    assert pinned.mask_decoder.body[-1].weight.std().item() == pytest.approx(1e-3, rel=0.2)
     with pytest.raises(ConfigError, match="mask_init"):
         create_model("from_iresnet18", mask_init=1.0)
 

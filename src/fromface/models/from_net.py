@@ -110,6 +110,10 @@ class FROM(nn.Module):
         pyramid_channels: width of the pyramid and decoder (256 in the paper; less is cheaper on CPU).
         mask_init: if set, the decoder starts by predicting this mask value everywhere (e.g. 0.98), so
             FROM on a pretrained trunk starts out as the trunk itself.
+        mask_init_std: with ``mask_init``, the std of the decoder's last weights. 1e-3 (used for the
+            shipped models) left the decoder on a plateau, a nearly constant mask, through short
+            schedules even under direct supervision. 1e-2 still starts within about 0.01 of
+            ``mask_init`` and lets it learn.
         use_mask: False builds the ablation "no mask": the same split network with nothing multiplied in
             (no decoder, no pattern predictor), to tell the mask's effect from fine-tuning's.
         head_rank: > 0 adds a :class:`LowRankDelta` of this rank to the head's last linear layer
@@ -129,6 +133,7 @@ class FROM(nn.Module):
         mask_stage: int = -1,
         use_mask: bool = True,
         head_rank: int = 0,
+        mask_init_std: float = 1e-2,
     ):
         super().__init__()
         _check_options(mask_shape, mask_target, mask_source)
@@ -168,13 +173,13 @@ class FROM(nn.Module):
         if not use_mask:
             self.pyramid = self.mask_decoder = self.pattern_head = None
         elif mask_init is not None:
-            self._init_mask(mask_init)
+            self._init_mask(mask_init, mask_init_std)
 
-    def _init_mask(self, value: float) -> None:
+    def _init_mask(self, value: float, std: float) -> None:
         if not 0.0 < value < 1.0:
             raise ConfigError(f"mask_init must lie strictly between 0 and 1, got {value}")
         last_conv = self.mask_decoder.body[-1]
-        nn.init.normal_(last_conv.weight, std=1e-3)
+        nn.init.normal_(last_conv.weight, std=std)
         nn.init.constant_(last_conv.bias, float(torch.logit(torch.tensor(value))))
 
     def predict_mask(self, maps: list[torch.Tensor]) -> torch.Tensor:
@@ -237,11 +242,13 @@ def register_from_variant(backbone: str, description: str = "") -> Callable[...,
         mask_stage: int = -1,
         use_mask: bool = True,
         head_rank: int = 0,
+        mask_init_std: float = 1e-2,
         **backbone_kwargs,
     ) -> FROM:
         recognizer = spec.builder(**backbone_kwargs)
         return FROM(recognizer, grid, mask_shape, mask_target, mask_source, pyramid_channels,
-                    mask_init=mask_init, mask_stage=mask_stage, use_mask=use_mask, head_rank=head_rank)
+                    mask_init=mask_init, mask_stage=mask_stage, use_mask=use_mask, head_rank=head_rank,
+                    mask_init_std=mask_init_std)
 
     text = description or f"FROM (mask decoder + pattern predictor) on {backbone}"
     return register_model(f"from_{backbone}", spec.preprocess, text, spec.licence)(build)

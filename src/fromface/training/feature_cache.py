@@ -49,8 +49,8 @@ def maps_needed(model: nn.Module) -> int:
 
 
 #: model options that change only what lies above the stored maps (runs differing in these share the files)
-ABOVE_MASK_OPTIONS = ("mask_shape", "mask_target", "mask_source", "pyramid_channels", "mask_init", "use_mask",
-                      "head_rank")
+ABOVE_MASK_OPTIONS = ("mask_shape", "mask_target", "mask_source", "pyramid_channels", "mask_init", "mask_init_std",
+                      "use_mask", "head_rank")
 
 
 def stored_outputs_key(cfg, model: nn.Module, images: int) -> dict:
