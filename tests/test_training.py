@@ -583,3 +583,9 @@ def test_low_rank_head_adapter_starts_as_identity_and_trains():
         twin.head_adapter.up.weight.zero_()
         assert torch.allclose(twin(x).embedding, plain(x).embedding, atol=1e-6)
         assert torch.allclose(adapted(x).embedding, changed)
+
+
+def test_mask_loss_without_a_mask_is_a_config_error(faces, tmp_path):
+    cfg = tiny_config(faces, tmp_path, model={"kwargs": {"grid": 3, "use_mask": False}}, loss={"mask_weight": 1.0})
+    with pytest.raises(ConfigError, match="mask_weight"):
+        Trainer(cfg, progress=False)

@@ -81,6 +81,6 @@ class FromLoss(nn.Module):
     def _mask_loss(self, mask: torch.Tensor, pattern_labels: torch.Tensor) -> torch.Tensor:
         """BCE between the (channel-averaged) mask and "visible" = outside the pattern's rectangle."""
         mask = mask.float().mean(dim=1)
-        covered = torch.tensor(patterns(mask.shape[1], mask.shape[2], self.grid), device=mask.device)
-        visible = 1.0 - covered[pattern_labels].float()
+        covered = patterns(mask.shape[1], mask.shape[2], self.grid)[pattern_labels.cpu().numpy()]  # a copy
+        visible = 1.0 - torch.from_numpy(covered).to(mask.device, torch.float32)
         return F.binary_cross_entropy(mask.clamp(1e-4, 1 - 1e-4), visible)

@@ -55,6 +55,10 @@ class Trainer:
         self.grid = getattr(self.model, "grid", None)
         self.stored = cfg.data.feature_cache_variants > 0
         self._build_data()
+        if cfg.loss.mask_weight > 0 and (getattr(self.model, "mask_decoder", None) is None
+                                         or self.model.mask_target != "features"):
+            raise ConfigError(f"loss.mask_weight needs a FROM model that masks a feature map; {cfg.model.name} "
+                              "with these options has none")
         loss = FromLoss(self.model.embedding_dim, self.split.num_classes, cfg.loss.margin, cfg.loss.scale,
                         cfg.loss.margin_value, cfg.loss.pattern_weight, cfg.loss.consistency_weight,
                         cfg.loss.margin_weight, cfg.loss.mask_weight, self.grid)
