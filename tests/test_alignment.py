@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -9,6 +10,7 @@ from fromface.errors import ConfigError
 from fromface.inference.alignment import (
     TEMPLATES,
     AlignmentTemplate,
+    context_geometry,
     get_template,
     register_template,
     similarity_transform,
@@ -126,3 +128,24 @@ def test_warp_outside_photo_is_black():
     landmarks = TEMPLATES["arcface112"].points * 0.2 + 40  # small face near the corner: crop runs off the photo
     crop = warp_face(photo, landmarks, "arcface112")
     assert crop[-1, -1].tolist() == [0, 0, 0] and crop[0, 0].tolist() == [200, 200, 200]
+
+
+@pytest.mark.parametrize("name", ["arcface112", "sphereface112x96"])
+def test_context_canvas_holds_the_crop_in_its_centre(name):
+    template = TEMPLATES[name]
+    to_photo = _similarity(-15, 1.7, 60, 30)
+    landmarks = transform_points(to_photo, template.points)
+    rng = np.random.default_rng(0)
+    photo = cv2.resize(rng.integers(0, 256, (12, 12, 3)).astype(np.uint8), (280, 300))
+    crop = warp_face(photo, landmarks, name)
+    canvas = warp_face(photo, landmarks, name, context=2.0)
+    (h, w), offset = context_geometry(name, 2.0)
+    assert canvas.shape == (h, w, 3) == (2 * template.size[0], 2 * template.size[1], 3)
+    left, top = int(offset[0]), int(offset[1])
+    window = canvas[top: top + template.size[0], left: left + template.size[1]]
+    diff = np.abs(window.astype(int) - crop.astype(int))
+    # same pixels at the same scale (OpenCV's 1/32-pixel fixed point may round a sample the other way)
+    assert np.median(diff) == 0 and (diff > 1).mean() < 0.01
+    assert canvas[:top].any()  # and real photo around it
+    with pytest.raises(ConfigError, match="context must be >= 1"):
+        context_geometry(name, 0.5)

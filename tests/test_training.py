@@ -589,3 +589,92 @@ def test_mask_loss_without_a_mask_is_a_config_error(faces, tmp_path):
     cfg = tiny_config(faces, tmp_path, model={"kwargs": {"grid": 3, "use_mask": False}}, loss={"mask_weight": 1.0})
     with pytest.raises(ConfigError, match="mask_weight"):
         Trainer(cfg, progress=False)
+
+
+TINY112 = "test_tiny_ir112"
+
+
+def register_tiny112() -> None:
+    """The tiny iResNet at the arcface112 template's own size (context packs need crops at template size)."""
+    from fromface.models import Preprocess, get_spec, register_from_variant, register_model
+    from fromface.models.iresnet import IResNet, Recognizer
+
+    try:
+        get_spec(TINY112)
+        return
+    except ConfigError:
+        pass
+
+    @register_model(TINY112, Preprocess(template="arcface112", size=(112, 112)), "tiny test net at 112x112")
+    def tiny112(embedding_dim: int = 16) -> Recognizer:
+        return Recognizer(IResNet((1, 1, 1), (4, 8, 8)), (112, 112), embedding_dim)
+
+    register_from_variant(TINY112)
+
+
+class _FixedDetector:
+    """Finds one face with the given landmarks (or none), whatever the image."""
+
+    score_threshold = 0.6
+
+    def __init__(self, landmarks):
+        self.landmarks = landmarks
+
+    def detect(self, image_rgb, score_threshold=None):
+        from fromface.inference.detection import Detection
+
+        if self.landmarks is None:
+            return []
+        h, w = image_rgb.shape[:2]
+        return [Detection(np.array([0.0, 0.0, w, h]), 0.9, np.asarray(self.landmarks, dtype=np.float64))]
+
+
+@pytest.mark.skipif(not (SHARED / "celeba299").is_dir() or not (SHARED / "occluders").is_dir(),
+                    reason="needs ../shared/data")
+def test_context_pack_and_realigned_occlusion(tmp_path):
+    from fromface.inference.faces import FaceAligner
+    from fromface.training.data import RealigningOccluder, SynthesizerOccluder
+
+    register_tiny112()
+    folder = tmp_path / "celeba"
+    folder.mkdir()
+    for ident in sorted(p for p in (SHARED / "celeba299").iterdir() if p.is_dir())[:4]:
+        (folder / ident.name).symlink_to(ident, target_is_directory=True)
+    bare = PackedFaces(pack_folder(folder, tmp_path / "bare", (112, 112), "arcface112", aligned=False,
+                                   fallback=True, progress=False))
+    wide = PackedFaces(pack_folder(folder, tmp_path / "wide", (112, 112), "arcface112", aligned=False,
+                                   fallback=True, progress=False, context=2.0))
+    assert wide.context == 2.0 and wide.images.shape[1:] == (224, 224, 3) and wide.files == bare.files
+    for row in (0, len(wide) - 1):  # the crop is the canvas's centre window, as a bare pack stores it
+        assert np.median(np.abs(wide.image(row).astype(int) - bare.image(row).astype(int))) == 0
+        assert np.array_equal(wide.context_image(row)[56:168, 56:168], wide.image(row))
+    with pytest.raises(DataError, match="--context 2"):
+        bare.context_image(0)
+    with pytest.raises(DataError, match="template's own size"):
+        pack_folder(folder, tmp_path / "small", (32, 32), "arcface112", aligned=False, context=2.0)
+
+    synth = SynthesizerOccluder(str(SHARED / "occluders"), None, "face-train", "arcface112", (112, 112))
+    occ = RealigningOccluder(synth, "arcface112", 2.0)
+    canvas = wide.context_image(3)
+    occluded = synth.synth.occlude(canvas, np.random.default_rng(5), face_box=occ.box, landmarks=occ.landmarks)
+    shift = 6  # a detector that puts every point 6 px to the right of where the clean alignment has them
+    occ._aligner = FaceAligner("arcface112", select="central", detector=_FixedDetector(occ.landmarks + [shift, 0]))
+    crop, mask = occ(canvas, np.random.default_rng(5))
+    assert np.array_equal(crop[:, :-shift], occluded.image[56:168, 56 + shift:168])
+    assert np.array_equal(mask[:, :-shift], occluded.mask[56:168, 56 + shift:168]) and mask.any()
+    occ._aligner = FaceAligner("arcface112", select="central", detector=_FixedDetector(None))
+    crop, mask = occ(canvas, np.random.default_rng(5))  # no face found: the clean alignment is kept
+    assert np.array_equal(crop, occluded.image[56:168, 56:168]) and np.array_equal(mask, occluded.mask[56:168, 56:168])
+    occ._aligner = None
+    assert pickle.loads(pickle.dumps(occ))(canvas, np.random.default_rng(5))[0].shape == (112, 112, 3)  # real YuNet
+
+    overrides = dict(model={"name": f"from_{TINY112}", "kwargs": {"grid": 3}},
+                     occlusion={"occluders": str(SHARED / "occluders"), "preset": "face-train", "realign": True},
+                     data={"val_identities": 2, "val_pairs": 10, "batch_size": 6}, schedule={"max_steps": 1})
+    with pytest.raises(ConfigError, match="--context 2"):
+        Trainer(tiny_config(tmp_path / "bare", tmp_path / "run_bare", **overrides), progress=False)
+    trainer = Trainer(tiny_config(tmp_path / "wide", tmp_path / "run", **overrides), progress=False)
+    assert isinstance(trainer.occluder, RealigningOccluder)
+    labels = [trainer.dataset.sample(i, 0)[1] for i in range(12)]
+    assert any(label > 0 for label in labels)
+    trainer.fit()

@@ -59,7 +59,8 @@ def calibrate(model: torch.nn.Module, cfg) -> dict:
     rows, labels = split.val_rows, split.val_labels
     device = torch.device("cpu")
     clean = embed(model, PlainFaces(source, rows, p), 64, device)
-    occluded = embed(model, PlainFaces(source, rows, p, build_occluder(cfg, p), seed=cfg.seed + 7), 64, device)
+    occluder = build_occluder(cfg, p, getattr(source, "context", 1.0))
+    occluded = embed(model, PlainFaces(source, rows, p, occluder, seed=cfg.seed + 7), 64, device)
     n = len(labels)
     cc_scores, cc_same = cross_scores(clean, clean, labels, np.triu(np.ones((n, n), bool), 1))  # each pair once
     oc_scores, oc_same = cross_scores(occluded, clean, labels, ~np.eye(n, dtype=bool))  # not an image with itself

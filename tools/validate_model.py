@@ -38,7 +38,7 @@ def main() -> None:
                             cfg.data.min_images, False)
         split = split_by_identity(source.labels, cfg.data.val_identities, cfg.seed)
         pairs = make_pairs(split.val_rows, split.val_labels, cfg.data.val_pairs, cfg.seed)
-        occluder = build_occluder(cfg, p)
+        occluder = build_occluder(cfg, p, getattr(source, "context", 1.0))
         m = validate(model, source, pairs, p, torch.device("cpu"), cfg.eval.batch_size, occluder, cfg.seed)
         print(f"| {spec} | {m['val_acc']:.4f} | {m['val_occ_acc']:.4f} | {m['val_mean']:.4f} |", flush=True)
 

@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "instead of skipping them")
     q.add_argument("--min-images", type=int, default=1, help="drop identities with fewer images")
     q.add_argument("--workers", type=int, default=1, help="processes decoding/aligning in parallel (default 1)")
+    q.add_argument("--context", type=float, default=1.0, metavar="FACTOR",
+                   help="store each aligned crop inside a FACTOR times wider canvas of the photo (2 is enough), so "
+                   "training can occlude the wider view and re-detect the face as the product does "
+                   "(occlusion.realign); default 1: bare crops")
     q.set_defaults(func=run_pack)
 
 
@@ -68,8 +72,9 @@ def run_pack(args: argparse.Namespace) -> int:
 
     pre = get_spec(args.model).preprocess
     out = pack_folder(args.source, args.out, pre.size, pre.template, aligned=args.aligned, fallback=args.fallback,
-                      min_images=args.min_images, workers=args.workers)
+                      min_images=args.min_images, workers=args.workers, context=args.context)
     pack = PackedFaces(out)
-    print(f"packed {len(pack)} faces of {len(pack.identities)} identities at {pre.size[0]}x{pre.size[1]} "
+    canvas = f" in {pack.images.shape[1]}x{pack.images.shape[2]} canvases" if pack.context > 1 else ""
+    print(f"packed {len(pack)} faces of {len(pack.identities)} identities at {pre.size[0]}x{pre.size[1]}{canvas} "
           f"({pre.template}) into {out}; skipped {len(pack.skipped)}")
     return 0

@@ -96,16 +96,31 @@ def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return pts @ matrix[:, :2].T + matrix[:, 2]
 
 
-def warp_face(image_rgb: np.ndarray, landmarks: np.ndarray, template_name: str | AlignmentTemplate) -> np.ndarray:
+def context_geometry(template_name: str | AlignmentTemplate, context: float) -> tuple[tuple[int, int], np.ndarray]:
+    """(canvas size, offset of the crop inside it) for a crop widened ``context`` times around the same centre.
+
+    The offset is whole pixels, so the template's crop is exactly the canvas's centre window at the same scale.
+    """
+    if context < 1.0:
+        raise ConfigError(f"context must be >= 1 (how many times wider than the crop), got {context}")
+    height, width = get_template(template_name).size
+    off_y, off_x = round((context - 1.0) * height / 2.0), round((context - 1.0) * width / 2.0)
+    return (height + 2 * off_y, width + 2 * off_x), np.array([off_x, off_y], dtype=np.float64)
+
+
+def warp_face(image_rgb: np.ndarray, landmarks: np.ndarray, template_name: str | AlignmentTemplate,
+              context: float = 1.0) -> np.ndarray:
     """Crop and align one face: warp the image so its five landmarks fall on the template's points.
 
     Returns a uint8 RGB array of the template's (height, width); pixels from outside the photo are black.
+    ``context`` > 1 returns a wider canvas around the same crop (see :func:`context_geometry`): training
+    re-detects faces in it after occluding them, as the product does on an occluded photo.
     """
     import cv2
 
     template = get_template(template_name)
-    matrix = similarity_transform(landmarks, template.points)
-    height, width = template.size
+    (height, width), offset = context_geometry(template, context)
+    matrix = similarity_transform(landmarks, template.points + offset)
     crop = cv2.warpAffine(np.ascontiguousarray(image_rgb), matrix, (width, height), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
     return crop

@@ -55,6 +55,7 @@ class OcclusionConfig:
     categories: list[str] | None = None
     preset: str = "from"  # synthesiser preset (fromface.occlusion)
     val: bool = True  # also report validation accuracy with the second image of each pair occluded
+    realign: bool = False  # occlude a context pack's wider canvas, then detect and align again (as at test time)
 
 
 @dataclass

@@ -122,6 +122,60 @@ class SynthesizerOccluder:
         return np.ascontiguousarray(result.image), np.asarray(result.mask, dtype=bool)
 
 
+class RealigningOccluder:
+    """Occlude the wider view around an aligned face, then detect and align the face again, as the product does.
+
+    A detector's landmarks move when part of a face is covered (on occluded LFW YuNet's points move by 0.13-0.21
+    of the eye distance on average; docs/training.md), so a model trained on occluders pasted onto perfectly
+    aligned crops never sees the shifted crops it meets at test time. Takes the canvas of a context pack
+    (``fromface pack --context``) and returns the re-aligned crop and its occlusion mask; where no face
+    covering the centre is found, the clean alignment is kept.
+    """
+
+    needs_context = True
+
+    def __init__(self, occluder: SynthesizerOccluder, template: str, context: float):
+        from fromface.inference.alignment import context_geometry, get_template
+
+        self.occluder, self.template = occluder, get_template(template)
+        _, offset = context_geometry(self.template, context)
+        h, w = self.template.size
+        self.box = np.array([offset[0], offset[1], offset[0] + w, offset[1] + h])
+        self.landmarks = self.template.points + offset
+        self._aligner = None
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _aligner=None)  # each loader worker opens its own detector
+
+    def __call__(self, canvas: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        import cv2
+
+        from fromface.inference.alignment import similarity_transform
+        from fromface.inference.faces import FaceAligner, covers_centre
+
+        if self._aligner is None:
+            self._aligner = FaceAligner(self.template.name, select="central")
+        result = self.occluder.synth.occlude(canvas, rng, face_box=self.box, landmarks=self.landmarks)
+        height, width = canvas.shape[:2]
+        faces, _ = self._aligner.detect(result.image)
+        chosen = self._aligner.choose(faces, height, width)
+        found = chosen and covers_centre(chosen[0], height, width)
+        matrix = similarity_transform(chosen[0].landmarks if found else self.landmarks, self.template.points)
+        size = (self.template.size[1], self.template.size[0])
+        crop = cv2.warpAffine(result.image, matrix, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        mask = cv2.warpAffine(result.mask.astype(np.uint8), matrix, size, flags=cv2.INTER_NEAREST)
+        return np.ascontiguousarray(crop), mask.astype(bool)
+
+
+def occlude_sample(occluder, source, row: int, image: np.ndarray, flipped: bool,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``occluder`` to a sample's crop, or to its (equally flipped) canvas when the occluder re-aligns."""
+    if not getattr(occluder, "needs_context", False):
+        return occluder(image, rng)
+    canvas = source.context_image(row)
+    return occluder(np.ascontiguousarray(canvas[:, ::-1]) if flipped else canvas, rng)
+
+
 def pattern_label(vocab: PatternVocabulary, mask: np.ndarray) -> int:
     """Argmax-IoU pattern of an occlusion mask (summed-area lookups, O(N), when fromface.occlusion has them)."""
     try:
@@ -165,7 +219,7 @@ class TrainFaces(torch.utils.data.Dataset):
             image = np.ascontiguousarray(image[:, ::-1])
         clean, pattern = image, 0
         if self.occluder is not None and rng.random() >= self.clean_prob:
-            image, mask = self.occluder(image, rng)
+            image, mask = occlude_sample(self.occluder, self.source, int(self.rows[i]), image, flipped, rng)
             if self.vocab is not None:
                 pattern = pattern_label(self.vocab, mask)
         return image, pattern, clean, flipped
@@ -218,8 +272,10 @@ class PlainFaces(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        image = self.source.image(int(self.rows[i]))
+        row = int(self.rows[i])
+        image = self.source.image(row)
         if self.occluder is not None:
-            image, _ = self.occluder(image, np.random.default_rng([self.seed, 4, int(self.rows[i])]))
+            image, _ = occlude_sample(self.occluder, self.source, row, image, False,
+                                      np.random.default_rng([self.seed, 4, row]))
         p = self.preprocess
         return to_tensor(image, p.mean, p.std, p.channel_order)

@@ -73,13 +73,21 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def load_face(path: Path, size: tuple[int, int], aligner=None) -> np.ndarray:
-    """One training face at ``size``: aligned with ``aligner`` when given, else the image resized."""
+def load_face(path: Path, size: tuple[int, int], aligner=None, context: float = 1.0) -> np.ndarray:
+    """One training face at ``size``: aligned with ``aligner`` when given, else the image resized.
+
+    ``context`` > 1 (aligned faces only) returns the wider canvas around the aligned crop instead.
+    """
     from fromface.data.images import load_image
 
     image = load_image(path)
     if aligner is not None:
-        image = aligner.align_array(image, str(path))[0].crop
+        face = aligner.align_array(image, str(path))[0]
+        if context > 1.0:
+            from fromface.inference.alignment import warp_face
+
+            return np.ascontiguousarray(warp_face(image, face.landmarks, aligner.template, context))
+        image = face.crop
     return np.ascontiguousarray(_resize(image, size))
 
 
@@ -94,30 +102,31 @@ def _make_aligner(template: str, fallback: bool):
 _WORKER: dict = {}
 
 
-def _worker_setup(size: tuple[int, int], template: str | None, aligned: bool, fallback: bool) -> None:
+def _worker_setup(size: tuple[int, int], template: str | None, aligned: bool, fallback: bool,
+                  context: float = 1.0) -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one image per process: parallelism comes from the processes
-    _WORKER.update(size=size, aligner=None if aligned else _make_aligner(template, fallback))
+    _WORKER.update(size=size, aligner=None if aligned else _make_aligner(template, fallback), context=context)
 
 
 def _worker_face(path: Path) -> tuple[np.ndarray | None, str | None]:
     """(crop, None) or (None, reason): errors travel back as text, never as a dead pool."""
     try:
-        return load_face(path, _WORKER["size"], _WORKER["aligner"]), None
+        return load_face(path, _WORKER["size"], _WORKER["aligner"], _WORKER["context"]), None
     except FromfaceError as exc:
         return None, str(exc)
 
 
-def _faces_in_order(files: list[Path], size, template, aligned, fallback, workers: int):
+def _faces_in_order(files: list[Path], size, template, aligned, fallback, workers: int, context: float = 1.0):
     """Yield (crop | None, reason | None) per file, in order, from ``workers`` processes (1: this one)."""
     if workers <= 1:
-        _worker_setup(size, template, aligned, fallback)
+        _worker_setup(size, template, aligned, fallback, context)
         yield from map(_worker_face, files)
         return
     import multiprocessing as mp
 
-    with mp.get_context("spawn").Pool(workers, _worker_setup, (size, template, aligned, fallback)) as pool:
+    with mp.get_context("spawn").Pool(workers, _worker_setup, (size, template, aligned, fallback, context)) as pool:
         yield from pool.imap(_worker_face, files, chunksize=8)
 
 
@@ -131,16 +140,21 @@ def pack_folder(
     min_images: int = 1,
     progress: bool = True,
     workers: int = 1,
+    context: float = 1.0,
 ) -> Path:
     """Decode (and, when ``aligned`` is False, detect and align) every image once into a pack.
 
     Unreadable images and, without ``fallback``, images with no detected face are skipped and listed
     in the index. The pack is written to a temporary folder and renamed, so a crash never leaves a
     half-written pack that looks complete. ``workers`` > 1 decodes and aligns in that many processes.
+    ``context`` > 1 stores each aligned crop with that much more of the photo around it (the crop is the
+    centre window), so training can occlude the wider view and re-detect the face (``occlusion.realign``).
     """
     faces = scan_identity_folder(root, min_images)
     if not aligned and template is None:
         raise DataError("aligning a folder needs the model's alignment template")
+    if context != 1.0 and (aligned or context < 1.0):
+        raise DataError(f"context={context}: a wider canvas needs faces to align (not --aligned) and a factor >= 1")
     if not aligned:
         _make_aligner(template, fallback)  # fail here, clearly, before any worker starts
     out = Path(out)
@@ -148,9 +162,16 @@ def pack_folder(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     h, w = size
+    if context > 1.0:
+        from fromface.inference.alignment import context_geometry, get_template
+
+        (h, w), _ = context_geometry(template, context)
+        if get_template(template).size != tuple(size):
+            raise DataError(f"context needs crops at the template's own size {get_template(template).size}, "
+                            f"not {tuple(size)}")
     array = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(faces.files), h, w, 3))
     kept, skipped = [], []
-    results = _faces_in_order(faces.files, tuple(size), template, aligned, fallback, workers)
+    results = _faces_in_order(faces.files, tuple(size), template, aligned, fallback, workers, context)
     if progress:
         from tqdm import tqdm
 
@@ -162,7 +183,7 @@ def pack_folder(
         array[len(kept)] = crop
         kept.append(i)
     array.flush()
-    _finish_pack(tmp, array, faces, kept, skipped, Path(root), size, template, aligned)
+    _finish_pack(tmp, array, faces, kept, skipped, Path(root), size, template, aligned, context)
     del array
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -170,7 +191,7 @@ def pack_folder(
 
 
 def _finish_pack(tmp: Path, array: np.ndarray, faces: FaceList, kept: list[int], skipped: list, root: Path,
-                 size: tuple[int, int], template: str | None, aligned: bool) -> None:
+                 size: tuple[int, int], template: str | None, aligned: bool, context: float = 1.0) -> None:
     """Drop skipped rows and emptied identities, then write the index."""
     if not kept:
         raise DataError(f"{root}: none of the {len(faces.files)} images could be packed "
@@ -192,6 +213,7 @@ def _finish_pack(tmp: Path, array: np.ndarray, faces: FaceList, kept: list[int],
         "version": PACK_VERSION,
         "size": list(size),
         "template": template,
+        "context": context,
         "aligned_by": "input" if aligned else "fromface.inference.FaceAligner",
         "source": str(root),
         "count": len(kept),
@@ -228,7 +250,15 @@ class PackedFaces:
         self.labels = np.asarray(index["labels"], dtype=np.int64)
         self.files = list(index["files"])
         self.skipped = index.get("skipped", [])
-        expected = (len(self.labels), *self.size, 3)
+        self.context = float(index.get("context") or 1.0)
+        self._window = None  # (top, left) of the aligned crop inside each stored canvas
+        stored = self.size
+        if self.context > 1.0:
+            from fromface.inference.alignment import context_geometry
+
+            stored, offset = context_geometry(self.template, self.context)
+            self._window = (int(offset[1]), int(offset[0]))
+        expected = (len(self.labels), *stored, 3)
         if self.images.dtype != np.uint8 or tuple(self.images.shape) != expected:
             raise DataError(f"{images_path}: array is {self.images.dtype} {tuple(self.images.shape)}, "
                             f"index.json describes uint8 {expected}")
@@ -239,6 +269,17 @@ class PackedFaces:
         return len(self.labels)
 
     def image(self, i: int) -> np.ndarray:
+        """The aligned crop (the centre window of the stored canvas in a context pack)."""
+        if self._window is None:
+            return np.array(self.images[i])
+        (top, left), (h, w) = self._window, self.size
+        return np.array(self.images[i, top:top + h, left:left + w])
+
+    def context_image(self, i: int) -> np.ndarray:
+        """The whole stored canvas: the aligned crop with ``context`` times its width of photo around it."""
+        if self._window is None:
+            raise DataError(f"{self.root}: this pack stores bare crops; re-pack with `fromface pack --context 2` "
+                            "to train with occlusion.realign")
         return np.array(self.images[i])
 
     def __getstate__(self) -> dict:

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fromface.errors import ConfigError
 from fromface.training.config import TrainConfig
-from fromface.training.data import RandomBoxOccluder, SynthesizerOccluder
+from fromface.training.data import RandomBoxOccluder, RealigningOccluder, SynthesizerOccluder
 from fromface.training.loss import FromLoss
 
 
@@ -78,10 +79,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_occluder(cfg: TrainConfig, preprocess):
+def build_occluder(cfg: TrainConfig, preprocess, context: float = 1.0):
+    """The training occluder; ``context`` is the source pack's canvas factor (``occlusion.realign`` needs > 1)."""
     if not cfg.occlusion.enabled:
         return None
     if cfg.occlusion.occluders:
-        return SynthesizerOccluder(cfg.occlusion.occluders, cfg.occlusion.categories, cfg.occlusion.preset,
-                                   preprocess.template, preprocess.size)
+        occluder = SynthesizerOccluder(cfg.occlusion.occluders, cfg.occlusion.categories, cfg.occlusion.preset,
+                                       preprocess.template, preprocess.size)
+        if not cfg.occlusion.realign:
+            return occluder
+        if context <= 1.0:
+            raise ConfigError(f"occlusion.realign needs a pack with room around each face (`fromface pack ... "
+                              f"--context 2`); {cfg.data.train} stores bare crops")
+        return RealigningOccluder(occluder, preprocess.template, context)
+    if cfg.occlusion.realign:
+        raise ConfigError("occlusion.realign needs occluder images (occlusion.occluders)")
     return RandomBoxOccluder()

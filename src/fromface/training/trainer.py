@@ -110,7 +110,7 @@ class Trainer:
         self.val_pairs = None
         if len(self.split.val_rows) and cfg.data.val_pairs > 0:
             self.val_pairs = make_pairs(self.split.val_rows, self.split.val_labels, cfg.data.val_pairs, cfg.seed)
-        self.occluder = build_occluder(cfg, p)
+        self.occluder = build_occluder(cfg, p, getattr(self.source, "context", 1.0))
         selectable = ["val_acc"] + (["val_occ_acc", "val_mean"] if self.occluder and cfg.occlusion.val else [])
         if cfg.eval.select not in selectable:
             raise ConfigError(f"eval.select={cfg.eval.select!r} is not computed by this config; choose from "
