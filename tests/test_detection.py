@@ -19,6 +19,7 @@ from fromface.cli.main import main
 from fromface.data.images import load_image
 from fromface.errors import ImageError, NoFaceError
 from fromface.inference import TEMPLATES, Detection, FaceAligner, FaceDetector, YuNetDetector, yunet_model_path
+from fromface.inference.alignment import warp_face
 from fromface.inference.faces import FALLBACK_BOX, estimate_fallback_box, fallback_landmarks
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "images"
@@ -142,6 +143,33 @@ def test_retry_lowers_threshold_upscales_and_maps_back():
     assert np.allclose(face.box, [20, 20, 76, 76]) and np.allclose(face.landmarks,
                                                                    TEMPLATES["arcface112"].points * 0.5 + 20)
     assert fake.calls[0] == ((100, 100), None) and fake.calls[1] == ((200, 200), 0.3)
+
+
+class FixedDetector:
+    """One face whose landmarks are the arcface112 points at half scale, moved to (20, 20)."""
+
+    score_threshold = 0.6
+
+    def detect(self, image_rgb: np.ndarray, score_threshold: float | None = None) -> list[Detection]:
+        return [Detection(np.array([20.0, 20.0, 76.0, 76.0]), 0.9, TEMPLATES["arcface112"].points * 0.5 + 20)]
+
+
+def test_refine_step_warps_again_from_the_corrected_points():
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    plain = FaceAligner("arcface112", detector=FixedDetector()).align(photo)[0]
+    seen = []
+
+    def refine(crop):  # the face's points lie 0.1 crop widths right and 0.05 heights down of the template's
+        seen.append(crop)
+        return np.tile([[0.1, 0.05]], (5, 1))
+
+    refined = FaceAligner("arcface112", detector=FixedDetector(), refine=refine).align(photo)[0]
+    assert np.array_equal(seen[0], plain.crop)  # asked about the detector's crop
+    # 0.1 x 112 crop px at the crop's scale of 2 px per photo px: 5.6 photo px right, 2.8 down
+    assert np.allclose(refined.landmarks, plain.landmarks + [5.6, 2.8], atol=1e-6)
+    assert np.array_equal(refined.crop, warp_face(photo, plain.landmarks + [5.6, 2.8], "arcface112"))
+    assert refined.method == plain.method == "detected"
 
 
 def test_no_face_raises_naming_source_or_falls_back(tmp_path):

@@ -501,15 +501,16 @@ def test_training_on_stored_trunk_outputs(faces, tmp_path):
     faces_ds, stored = trainer_faces(trainer), trainer.dataset
     i, epoch = 3, 0
     v = (epoch + int(stored.offsets[i])) % stored.variants
-    image, pattern, clean, _ = faces_ds.sample(i, v)
+    image, pattern, clean, _, _ = faces_ds.sample(i, v)
     p = trainer.preprocess
-    maps, label, stored_pattern, target = stored[(i, epoch)]
+    maps, label, stored_pattern, target, shift = stored[(i, epoch)]
     model.eval()
     with torch.no_grad():
         want = model.backbone.forward_until(to_tensor(image, p.mean, p.std)[None], model.mask_stage)[-1][0]
         want_target = model(to_tensor(clean, p.mean, p.std)[None]).features[0]
     assert len(maps) == 3 and torch.allclose(maps[-1], want, atol=2e-2, rtol=2e-3) and stored_pattern == pattern
     assert torch.allclose(target, want_target, atol=1e-4) and label == int(trainer.split.train_labels[i])
+    assert not shift.any()  # no re-alignment: every crop is where the clean alignment put it
     assert stored[(i, epoch + 1)][2] == int(stored.patterns[i * 2 + (v + 1) % 2])  # the next epoch: other version
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -545,8 +546,8 @@ def trainer_faces(trainer):
 
 
 def iter_stored(trainer):
-    for maps, labels, patterns, targets in trainer.loader(0, 0):
-        yield maps, labels, patterns, None, None, targets
+    for maps, labels, patterns, targets, shifts in trainer.loader(0, 0):
+        yield maps, labels, patterns, None, None, targets, shifts
 
 
 def test_from_without_mask_is_the_split_trunk():
@@ -659,11 +660,16 @@ def test_context_pack_and_realigned_occlusion(tmp_path):
     occluded = synth.synth.occlude(canvas, np.random.default_rng(5), face_box=occ.box, landmarks=occ.landmarks)
     shift = 6  # a detector that puts every point 6 px to the right of where the clean alignment has them
     occ._aligner = FaceAligner("arcface112", select="central", detector=_FixedDetector(occ.landmarks + [shift, 0]))
-    crop, mask = occ(canvas, np.random.default_rng(5))
+    crop, mask, moved = occ(canvas, np.random.default_rng(5))
     assert np.array_equal(crop[:, :-shift], occluded.image[56:168, 56 + shift:168])
     assert np.array_equal(mask[:, :-shift], occluded.mask[56:168, 56 + shift:168]) and mask.any()
+    assert np.allclose(moved, [-shift / 112, 0], atol=1e-6)  # the clean points lie 6 px left in this crop
+    occ.refine = lambda c: np.tile([[-shift / 112, 0.0]], (5, 1))  # an align head that undoes the shift
+    crop, mask, moved = occ(canvas, np.random.default_rng(5))
+    assert np.abs(crop.astype(int) - occluded.image[56:168, 56:168]).max() <= 1 and not np.abs(moved).max() > 1e-6
+    occ.refine = None
     occ._aligner = FaceAligner("arcface112", select="central", detector=_FixedDetector(None))
-    crop, mask = occ(canvas, np.random.default_rng(5))  # no face found: the clean alignment is kept
+    crop, mask, _ = occ(canvas, np.random.default_rng(5))  # no face found: the clean alignment is kept
     assert np.array_equal(crop, occluded.image[56:168, 56:168]) and np.array_equal(mask, occluded.mask[56:168, 56:168])
     occ._aligner = None
     assert pickle.loads(pickle.dumps(occ))(canvas, np.random.default_rng(5))[0].shape == (112, 112, 3)  # real YuNet
@@ -678,3 +684,47 @@ def test_context_pack_and_realigned_occlusion(tmp_path):
     labels = [trainer.dataset.sample(i, 0)[1] for i in range(12)]
     assert any(label > 0 for label in labels)
     trainer.fit()
+
+    # FROM's align head learns, from the stored maps, where re-detection moved each crop
+    head = {"name": f"from_{TINY112}", "kwargs": {"grid": 3, "align_head": True}}
+    stored = dict(overrides, model=head, loss={"align_weight": 1.0}, optim={"name": "adamw", "lr": 1e-3},
+                  schedule={"max_steps": 10, "kind": "cosine", "warmup_epochs": 0},
+                  data={**overrides["data"], "feature_cache_variants": 2, "cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(ConfigError, match="align head"):
+        Trainer(tiny_config(tmp_path / "wide", tmp_path / "r1", **{**stored, "model": overrides["model"]}))
+    with pytest.raises(ConfigError, match="occlusion.realign"):
+        Trainer(tiny_config(tmp_path / "wide", tmp_path / "r2", **{**stored, "occlusion": {"realign": False}}))
+    trainer = Trainer(tiny_config(tmp_path / "wide", tmp_path / "run_align", **stored), progress=False)
+    [folder] = (tmp_path / "cache").glob("features-*")
+    shifts = np.load(folder / "shifts.npy")
+    assert np.abs(shifts).max() > 0.005 and not shifts[np.asarray(trainer.dataset.patterns) == 0].any()
+    os.remove(folder / "shifts.npy")  # a store made before shifts were stored: they are re-played exactly
+    Trainer(tiny_config(tmp_path / "wide", tmp_path / "run_align2", **stored), progress=False)
+    assert np.array_equal(np.load(folder / "shifts.npy"), shifts)
+    trainer.set_train_mode()
+    batch = next(iter_stored(trainer))
+    parts = [trainer.train_step(*batch) for _ in range(6)]
+    assert parts[0]["align"] > 0 and parts[-1]["align"] < parts[0]["align"]
+
+
+def test_align_head_starts_at_zero_and_matches_the_refine_path():
+    register_tiny112()
+    from fromface.inference.faces import model_refiner
+    from fromface.models import create_model
+
+    model = create_model(f"from_{TINY112}", grid=3, align_head=True).eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        assert not model(x).landmark_shift.any()  # starts by trusting the detector
+        torch.nn.init.normal_(model.align_head.body[-1].weight, std=0.05)
+        out = model(x)
+        assert out.landmark_shift.shape == (2, 5, 2) and out.landmark_shift.abs().max() > 0
+        assert torch.allclose(model.predict_landmark_shift(x), out.landmark_shift)
+    crop = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    refine = model_refiner(model, model.preprocess)
+    from fromface.inference.recognizer import crops_to_input
+
+    with torch.no_grad():
+        want = model(torch.from_numpy(crops_to_input(crop[None], model.preprocess))).landmark_shift[0].numpy()
+    assert np.allclose(refine(crop), want, atol=1e-6)
+    assert model_refiner(create_model(f"from_{TINY112}", grid=3), model.preprocess) is None

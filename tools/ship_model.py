@@ -29,7 +29,7 @@ from fromface.training.config import config_from_dict
 from fromface.training.data import PlainFaces, split_by_identity
 from fromface.training.pack import open_faces
 from fromface.training.task import build_occluder
-from fromface.training.validate import embed
+from fromface.training.validate import embed, refining
 
 FARS = {"far1e-2": 1e-2, "far1e-3": 1e-3}
 
@@ -60,7 +60,8 @@ def calibrate(model: torch.nn.Module, cfg) -> dict:
     device = torch.device("cpu")
     clean = embed(model, PlainFaces(source, rows, p), 64, device)
     occluder = build_occluder(cfg, p, getattr(source, "context", 1.0))
-    occluded = embed(model, PlainFaces(source, rows, p, occluder, seed=cfg.seed + 7), 64, device)
+    with refining(occluder, model, p):  # occluded faces re-aligned by the model's align head, when it has one
+        occluded = embed(model, PlainFaces(source, rows, p, occluder, seed=cfg.seed + 7), 64, device)
     n = len(labels)
     cc_scores, cc_same = cross_scores(clean, clean, labels, np.triu(np.ones((n, n), bool), 1))  # each pair once
     oc_scores, oc_same = cross_scores(occluded, clean, labels, ~np.eye(n, dtype=bool))  # not an image with itself

@@ -127,8 +127,13 @@ class TorchEmbedder(AlignedEmbedder):
     """A PyTorch fromface model (registry name or trainer checkpoint)."""
 
     def __init__(self, model, name: str, source: str, weights_id: str, **kw):
+        from fromface.inference.faces import model_refiner
+
         self.model = model.eval()
         super().__init__(model.preprocess, getattr(model, "model_name", name), name, source, weights_id, **kw)
+        self.aligner.refine = model_refiner(self.model, self.preprocess)  # FROM's align head re-crops the face
+        if self.aligner.refine is not None:  # (only then: older cache keys stay valid)
+            self.info["refine"] = True
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         import torch

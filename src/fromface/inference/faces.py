@@ -7,13 +7,14 @@ face (LFW, MFR2, aligned datasets). Each :class:`AlignedFace` says which of thes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from fromface.data.images import ImageSource, describe_source, load_image
 from fromface.errors import ConfigError, NoFaceError
-from fromface.inference.alignment import TEMPLATES, get_template, similarity_transform, warp_face
+from fromface.inference.alignment import TEMPLATES, get_template, similarity_transform, transform_points, warp_face
 from fromface.inference.detection import Detection, FaceDetector, YuNetDetector
 
 SELECTIONS = ("largest", "central", "all")
@@ -25,6 +26,32 @@ METHODS = ("detected", "retry", "fallback")
 #: centre x 0.505, y 0.467, side 0.506; see docs/detection.md), centred horizontally: a 126.5 px square centred
 #: at (125, 116.75), i.e. x 61.75-188.25, y 53.5-180.
 FALLBACK_BOX = (0.5, 0.467, 0.506)
+
+
+#: crop -> (5, 2) shift of the face's five alignment points from the template's, in fractions of the crop size
+Refiner = Callable[[np.ndarray], np.ndarray]
+
+
+def model_refiner(model, preprocess) -> Refiner | None:
+    """A FROM model's align head as a :class:`FaceAligner` ``refine`` step; None for models without one."""
+    if getattr(model, "align_head", None) is None:
+        return None
+    import cv2
+    import torch
+
+    from fromface.inference.recognizer import crops_to_input
+
+    h, w = preprocess.size
+
+    def refine(crop: np.ndarray) -> np.ndarray:
+        if crop.shape[:2] != (h, w):
+            crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
+        x = torch.from_numpy(crops_to_input(crop[None], preprocess))
+        with torch.inference_mode():
+            shift = model.predict_landmark_shift(x.to(next(model.parameters()).device))
+        return shift[0].float().cpu().numpy().astype(np.float64)
+
+    return refine
 
 
 @dataclass
@@ -86,7 +113,7 @@ class FaceAligner:
 
     def __init__(self, template: str, select: str = "largest", fallback: bool = False,
                  detector: FaceDetector | None = None, retry_threshold: float = 0.3, retry_scale: float = 2.0,
-                 fallback_box: BoxFractions = FALLBACK_BOX):
+                 fallback_box: BoxFractions = FALLBACK_BOX, refine: Refiner | None = None):
         self.template = get_template(template).name
         if select not in SELECTIONS:
             raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}; got {select!r}")
@@ -96,6 +123,7 @@ class FaceAligner:
         self.retry_threshold = float(retry_threshold)
         self.retry_scale = float(retry_scale)
         self.fallback_box = tuple(fallback_box)
+        self.refine = refine
 
     def detect(self, image_rgb: np.ndarray) -> tuple[list[Detection], str]:
         """All detections (best first) and how they were found: ``"detected"``, or ``"retry"`` when the first
@@ -153,16 +181,26 @@ class FaceAligner:
         if chosen and self.fallback and self.select == "central" and not covers_centre(chosen[0], h, w):
             chosen = []  # only faces away from the centre: on a centred photo the centre crop is the better guess
         if chosen:
-            return [AlignedFace(crop=warp_face(image_rgb, f.landmarks, self.template), box=f.box,
-                                landmarks=f.landmarks, score=f.score, method=method, template=self.template)
-                    for f in chosen]
+            return [self._aligned(image_rgb, f.box, f.landmarks, f.score, method) for f in chosen]
         if not self.fallback:
             raise NoFaceError(f"{name}: no face found (also retried with score threshold {self.retry_threshold} "
                               f"on a {self.retry_scale:g}x upscaled image); use fallback=True for centred photos")
         box, landmarks = fallback_landmarks(h, w, self.fallback_box)
+        return [self._aligned(image_rgb, box, landmarks, 0.0, "fallback")]
+
+    def _aligned(self, image_rgb: np.ndarray, box: np.ndarray, landmarks: np.ndarray, score: float,
+                 method: str) -> AlignedFace:
+        """Warp one face; with ``refine``, warp it again from the points the model says the face really has."""
         crop = warp_face(image_rgb, landmarks, self.template)
-        return [AlignedFace(crop=crop, box=box, landmarks=landmarks, score=0.0, method="fallback",
-                            template=self.template)]
+        if self.refine is not None:
+            import cv2
+
+            template = get_template(self.template)
+            to_crop = similarity_transform(landmarks, template.points)
+            in_crop = template.points + self.refine(crop) * np.array(template.size[::-1], dtype=np.float64)
+            landmarks = transform_points(cv2.invertAffineTransform(to_crop), in_crop)
+            crop = warp_face(image_rgb, landmarks, self.template)
+        return AlignedFace(crop=crop, box=box, landmarks=landmarks, score=score, method=method, template=self.template)
 
     def align(self, image: ImageSource) -> list[AlignedFace]:
         """Aligned faces of an image (path, bytes, PIL image or RGB array), per the selection rule.

@@ -214,11 +214,12 @@ class FaceRecognizer:
             from fromface.inference.onnx_backend import OnnxFaceModel, cached_export
 
             self._onnx = OnnxFaceModel(cached_export(self.torch_model, self.tag, self.thresholds))
-        from fromface.inference.faces import FaceAligner
+        from fromface.inference.faces import FaceAligner, model_refiner
 
         aligner_select = "all" if select == "single" else select
+        refine = model_refiner(self.torch_model, self.preprocess) if self.torch_model is not None else None
         self.aligner = FaceAligner(self.preprocess.template, select=aligner_select, fallback=fallback,
-                                   detector=detector)
+                                   detector=detector, refine=refine)
         self._vocab = None
 
     # ------------------------------------------------------------------ model loading

@@ -94,6 +94,29 @@ class LowRankDelta(nn.Module):
         return output + self.up(self.down(inputs[0]))
 
 
+class AlignHead(nn.Module):
+    """Where the face's five alignment points really lie in a crop, as a shift from the template's points.
+
+    A detector's landmarks move when part of the face is covered, so an occluded face is cropped off its
+    usual alignment (docs/training.md). This head reads the frozen stage map and predicts the shift, in
+    fractions of the crop's width and height; the aligner then warps the photo again from the corrected
+    points (:class:`~fromface.inference.faces.FaceAligner` ``refine``). It starts at zero: trust the detector.
+    """
+
+    def __init__(self, in_ch: int, hidden: int = 64, pooled: int = 7):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_ch, hidden, 3, 2, 1, bias=False), nn.BatchNorm2d(hidden), nn.PReLU(hidden),
+            nn.Conv2d(hidden, hidden, 3, 2, 1, bias=False), nn.BatchNorm2d(hidden), nn.PReLU(hidden),
+            nn.AdaptiveAvgPool2d(pooled), nn.Flatten(), nn.Linear(hidden * pooled * pooled, 10))
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, stage_map: torch.Tensor) -> torch.Tensor:
+        # shifts are a few hundredths of the crop: the 0.1 keeps Adam's first steps on the wide last layer small
+        return 0.1 * self.body(stage_map).view(-1, 5, 2)
+
+
 class FROM(nn.Module):
     """Face Recognition with Occlusion Masks around a plain recognizer.
 
@@ -118,6 +141,8 @@ class FROM(nn.Module):
             (no decoder, no pattern predictor), to tell the mask's effect from fine-tuning's.
         head_rank: > 0 adds a :class:`LowRankDelta` of this rank to the head's last linear layer
             (``head_adapter``), for fine-tuning a large head cheaply.
+        align_head: adds an :class:`AlignHead` on the masked stage's map (before the mask), trained with
+            ``loss.align_weight`` on re-detected occluded faces; the aligner uses it to re-crop the face.
     """
 
     def __init__(
@@ -134,6 +159,7 @@ class FROM(nn.Module):
         use_mask: bool = True,
         head_rank: int = 0,
         mask_init_std: float = 1e-2,
+        align_head: bool = False,
     ):
         super().__init__()
         _check_options(mask_shape, mask_target, mask_source)
@@ -170,6 +196,7 @@ class FROM(nn.Module):
             if not linears:
                 raise ConfigError(f"head_rank={head_rank}: the head of this recognizer has no linear layer")
             self.head_adapter = LowRankDelta(linears[-1], head_rank)
+        self.align_head = AlignHead(c5) if align_head else None
         if not use_mask:
             self.pyramid = self.mask_decoder = self.pattern_head = None
         elif mask_init is not None:
@@ -197,8 +224,20 @@ class FROM(nn.Module):
     def forward(self, x: torch.Tensor) -> FaceOutput:
         return self.forward_maps(self.backbone.forward_until(x, self.mask_stage))
 
+    def predict_landmark_shift(self, x: torch.Tensor) -> torch.Tensor:
+        """The align head's shift for input crops, running only the trunk below the mask (no embedding)."""
+        if self.align_head is None:
+            raise ConfigError("this FROM model has no align head (model kwarg align_head)")
+        return self.align_head(self.backbone.forward_until(x, self.mask_stage)[-1])
+
     def forward_maps(self, maps: list[torch.Tensor]) -> FaceOutput:
         """Everything from the stage maps up to the masked one (training on stored trunk outputs starts here)."""
+        output = self._forward_maps(maps)
+        if self.align_head is None:
+            return output
+        return output._replace(landmark_shift=self.align_head(maps[-1]))
+
+    def _forward_maps(self, maps: list[torch.Tensor]) -> FaceOutput:
         masked_map = maps[-1]
         if not self.use_mask:
             embedding = self._embed(masked_map)
@@ -243,12 +282,13 @@ def register_from_variant(backbone: str, description: str = "") -> Callable[...,
         use_mask: bool = True,
         head_rank: int = 0,
         mask_init_std: float = 1e-2,
+        align_head: bool = False,
         **backbone_kwargs,
     ) -> FROM:
         recognizer = spec.builder(**backbone_kwargs)
         return FROM(recognizer, grid, mask_shape, mask_target, mask_source, pyramid_channels,
                     mask_init=mask_init, mask_stage=mask_stage, use_mask=use_mask, head_rank=head_rank,
-                    mask_init_std=mask_init_std)
+                    mask_init_std=mask_init_std, align_head=align_head)
 
     text = description or f"FROM (mask decoder + pattern predictor) on {backbone}"
     return register_model(f"from_{backbone}", spec.preprocess, text, spec.licence)(build)

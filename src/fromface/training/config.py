@@ -67,6 +67,7 @@ class LossConfig:
     margin_weight: float = 1.0  # 0 trains without the identity classifier (e.g. consistency only)
     consistency_weight: float = 0.0  # pull occluded masked embeddings toward a frozen trunk's clean ones
     mask_weight: float = 0.0  # supervise the mask: 0 inside the labelled pattern's rectangle, 1 outside
+    align_weight: float = 0.0  # train FROM's align head on re-detected faces (occlusion.realign, stored outputs)
     consistency_cache: bool = False  # compute each clean target once (faster; last-bit float drift on resume)
 
 

@@ -129,7 +129,9 @@ class RealigningOccluder:
     of the eye distance on average; docs/training.md), so a model trained on occluders pasted onto perfectly
     aligned crops never sees the shifted crops it meets at test time. Takes the canvas of a context pack
     (``fromface pack --context``) and returns the re-aligned crop and its occlusion mask; where no face
-    covering the centre is found, the clean alignment is kept.
+    covering the centre is found, the clean alignment is kept. Also returns where the clean alignment's points
+    lie in the new crop, as a shift from the template's points in fractions of the crop size (the target of
+    FROM's align head).
     """
 
     needs_context = True
@@ -143,14 +145,15 @@ class RealigningOccluder:
         self.box = np.array([offset[0], offset[1], offset[0] + w, offset[1] + h])
         self.landmarks = self.template.points + offset
         self._aligner = None
+        self.refine = None  # optional FaceAligner-style refine step, applied after re-detection
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, _aligner=None)  # each loader worker opens its own detector
+        return dict(self.__dict__, _aligner=None, refine=None)  # each loader worker opens its own detector
 
-    def __call__(self, canvas: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, canvas: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import cv2
 
-        from fromface.inference.alignment import similarity_transform
+        from fromface.inference.alignment import similarity_transform, transform_points
         from fromface.inference.faces import FaceAligner, covers_centre
 
         if self._aligner is None:
@@ -160,18 +163,29 @@ class RealigningOccluder:
         faces, _ = self._aligner.detect(result.image)
         chosen = self._aligner.choose(faces, height, width)
         found = chosen and covers_centre(chosen[0], height, width)
-        matrix = similarity_transform(chosen[0].landmarks if found else self.landmarks, self.template.points)
+        points = chosen[0].landmarks if found else self.landmarks
         size = (self.template.size[1], self.template.size[0])
+        matrix = similarity_transform(points, self.template.points)
         crop = cv2.warpAffine(result.image, matrix, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        if self.refine is not None:  # what the product does with FROM's align head (validation, calibration)
+            in_crop = self.template.points + self.refine(crop) * np.array(size, dtype=np.float64)
+            matrix = similarity_transform(transform_points(cv2.invertAffineTransform(matrix), in_crop),
+                                          self.template.points)
+            crop = cv2.warpAffine(result.image, matrix, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         mask = cv2.warpAffine(result.mask.astype(np.uint8), matrix, size, flags=cv2.INTER_NEAREST)
-        return np.ascontiguousarray(crop), mask.astype(bool)
+        shift = (transform_points(matrix, self.landmarks) - self.template.points) / np.array(size, dtype=np.float64)
+        return np.ascontiguousarray(crop), mask.astype(bool), shift.astype(np.float32)
+
+
+NO_SHIFT = np.zeros((5, 2), dtype=np.float32)
 
 
 def occlude_sample(occluder, source, row: int, image: np.ndarray, flipped: bool,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Apply ``occluder`` to a sample's crop, or to its (equally flipped) canvas when the occluder re-aligns."""
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, mask, landmark shift): ``occluder`` applied to a sample's crop, or to its (equally flipped) canvas
+    when the occluder re-aligns. The shift is zero unless re-alignment moved the crop."""
     if not getattr(occluder, "needs_context", False):
-        return occluder(image, rng)
+        return (*occluder(image, rng), NO_SHIFT)
     canvas = source.context_image(row)
     return occluder(np.ascontiguousarray(canvas[:, ::-1]) if flipped else canvas, rng)
 
@@ -209,24 +223,24 @@ class TrainFaces(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, int, np.ndarray, bool]:
-        """The augmented uint8 image, its occlusion-pattern label (0 = clean), the image before occlusion and
-        whether it was flipped."""
+    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, int, np.ndarray, bool, np.ndarray]:
+        """The augmented uint8 image, its occlusion-pattern label (0 = clean), the image before occlusion,
+        whether it was flipped, and the landmark shift from re-alignment (:class:`RealigningOccluder`)."""
         rng = np.random.default_rng([self.seed, epoch, int(i)])
         image = self.source.image(int(self.rows[i]))
         flipped = bool(self.flip and rng.random() < 0.5)
         if flipped:
             image = np.ascontiguousarray(image[:, ::-1])
-        clean, pattern = image, 0
+        clean, pattern, shift = image, 0, NO_SHIFT
         if self.occluder is not None and rng.random() >= self.clean_prob:
-            image, mask = occlude_sample(self.occluder, self.source, int(self.rows[i]), image, flipped, rng)
+            image, mask, shift = occlude_sample(self.occluder, self.source, int(self.rows[i]), image, flipped, rng)
             if self.vocab is not None:
                 pattern = pattern_label(self.vocab, mask)
-        return image, pattern, clean, flipped
+        return image, pattern, clean, flipped, shift
 
     def __getitem__(self, key: tuple[int, int]):
         i, epoch = key
-        image, pattern, clean, flipped = self.sample(i, epoch)
+        image, pattern, clean, flipped, _ = self.sample(i, epoch)
         p = self.preprocess
         item = (to_tensor(image, p.mean, p.std, p.channel_order), int(self.labels[i]), pattern)
         if self.with_clean:  # the clean twin and its key (row, flip) for caching the teacher's embedding
@@ -275,7 +289,7 @@ class PlainFaces(torch.utils.data.Dataset):
         row = int(self.rows[i])
         image = self.source.image(row)
         if self.occluder is not None:
-            image, _ = occlude_sample(self.occluder, self.source, row, image, False,
-                                      np.random.default_rng([self.seed, 4, row]))
+            image, _, _ = occlude_sample(self.occluder, self.source, row, image, False,
+                                         np.random.default_rng([self.seed, 4, row]))
         p = self.preprocess
         return to_tensor(image, p.mean, p.std, p.channel_order)

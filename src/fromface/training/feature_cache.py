@@ -50,7 +50,7 @@ def maps_needed(model: nn.Module) -> int:
 
 #: model options that change only what lies above the stored maps (runs differing in these share the files)
 ABOVE_MASK_OPTIONS = ("mask_shape", "mask_target", "mask_source", "pyramid_channels", "mask_init", "mask_init_std",
-                      "use_mask", "head_rank")
+                      "use_mask", "head_rank", "align_head")
 
 
 def stored_outputs_key(cfg, model: nn.Module, images: int) -> dict:
@@ -75,20 +75,23 @@ def fingerprint(parts: dict) -> str:
 
 
 class _Variants(torch.utils.data.Dataset):
-    """(augmented image, clean twin, pattern, flipped) for version ``v`` of training image ``i``."""
+    """(augmented image, clean twin, pattern, flipped, landmark shift) for version ``v`` of training image ``i``;
+    with ``shifts_only`` just the shift (re-played to add it to stores made before it was stored)."""
 
-    def __init__(self, faces: TrainFaces, variants: int):
-        self.faces, self.variants = faces, variants
+    def __init__(self, faces: TrainFaces, variants: int, shifts_only: bool = False):
+        self.faces, self.variants, self.shifts_only = faces, variants, shifts_only
 
     def __len__(self) -> int:
         return len(self.faces) * self.variants
 
     def __getitem__(self, k: int):
         i, v = divmod(k, self.variants)
-        image, pattern, clean, flipped = self.faces.sample(i, v)
+        image, pattern, clean, flipped, shift = self.faces.sample(i, v)
+        if self.shifts_only:
+            return torch.from_numpy(shift)
         p = self.faces.preprocess
         return (to_tensor(image, p.mean, p.std, p.channel_order), to_tensor(clean, p.mean, p.std, p.channel_order),
-                pattern, int(flipped))
+                pattern, int(flipped), torch.from_numpy(shift))
 
 
 @torch.no_grad()
@@ -113,6 +116,7 @@ def build_feature_cache(model: nn.Module, faces: TrainFaces, variants: int, fold
             for j, s in enumerate(shapes)]
     patterns = np.zeros(n * variants, dtype=np.int64)
     flips = np.zeros(n * variants, dtype=np.int64)
+    shifts = np.zeros((n * variants, 5, 2), dtype=np.float32)
     targets = np.zeros((n, 2, model.embedding_dim), dtype=np.float32)  # per image and flip
     have = np.zeros((n, 2), dtype=bool)
     loader = torch.utils.data.DataLoader(_Variants(faces, variants), batch_size=batch_size, num_workers=workers,
@@ -123,13 +127,13 @@ def build_feature_cache(model: nn.Module, faces: TrainFaces, variants: int, fold
 
         bar = tqdm(total=n * variants, desc="storing trunk outputs", unit="img", dynamic_ncols=True)
     start = 0
-    for images, clean, pattern, flipped in loader:
+    for images, clean, pattern, flipped, shift in loader:
         images = images.contiguous(memory_format=torch.channels_last)
         clean = clean.contiguous(memory_format=torch.channels_last)
         rows = np.arange(start, start + len(images))
         for j, m in enumerate(model.backbone.forward_until(images, model.mask_stage)[-k_maps:]):
             maps[j][rows] = m.contiguous().numpy().astype(np.float16)
-        patterns[rows], flips[rows] = pattern.numpy(), flipped.numpy()
+        patterns[rows], flips[rows], shifts[rows] = pattern.numpy(), flipped.numpy(), shift.numpy()
         image_ids, flip = rows // variants, flipped.numpy()
         todo = ~have[image_ids, flip]
         todo &= ~_seen_earlier(image_ids * 2 + flip)
@@ -146,6 +150,7 @@ def build_feature_cache(model: nn.Module, faces: TrainFaces, variants: int, fold
     for m in maps:
         m.flush()
     np.save(tmp / "patterns.npy", patterns)
+    np.save(tmp / "shifts.npy", shifts)
     np.save(tmp / "targets.npy", targets[np.arange(n * variants) // variants, flips])
     (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "images": n, "variants": variants,
                                                "maps": k_maps, "key": key}, indent=2, default=str))
@@ -166,8 +171,24 @@ def _seen_earlier(keys: np.ndarray) -> np.ndarray:
     return seen
 
 
+def add_stored_shifts(faces: TrainFaces, folder: Path, workers: int = 0, progress: bool = True) -> None:
+    """Write ``shifts.npy`` into a store made before landmark shifts were stored, by re-playing its seeded samples
+    (the same occluders and detections, without running the trunk)."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    loader = torch.utils.data.DataLoader(_Variants(faces, meta["variants"], shifts_only=True), batch_size=64,
+                                         num_workers=workers)
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc="re-playing landmark shifts", unit="batch", dynamic_ncols=True)
+    shifts = torch.cat(list(loader)).numpy()
+    np.save(Path(folder) / f"shifts.tmp{os.getpid()}.npy", shifts)
+    os.replace(Path(folder) / f"shifts.tmp{os.getpid()}.npy", Path(folder) / "shifts.npy")
+
+
 class StoredFaces(torch.utils.data.Dataset):
-    """Samples ``(maps, identity, pattern, target)``; index with ``(row, epoch)`` like :class:`TrainFaces`.
+    """Samples ``(maps, identity, pattern, target, landmark shift)``; index with ``(row, epoch)`` like
+    :class:`TrainFaces`.
 
     Each epoch shows every image once, in version ``(epoch + offset_i) % variants`` (``offset_i`` seeded
     per image), so all stored versions are used before any repeats.
@@ -181,6 +202,8 @@ class StoredFaces(torch.utils.data.Dataset):
         self.maps = [np.load(Path(folder) / f"maps{j}.npy", mmap_mode="r") for j in range(meta["maps"])]
         self.patterns = np.load(Path(folder) / "patterns.npy")
         self.targets = np.load(Path(folder) / "targets.npy")
+        shifts = Path(folder) / "shifts.npy"
+        self.shifts = np.load(shifts) if shifts.is_file() else np.zeros((n * self.variants, 5, 2), np.float32)
         self.labels = labels
         self.offsets = np.random.default_rng([seed, 5]).integers(0, self.variants, n)
 
@@ -191,7 +214,8 @@ class StoredFaces(torch.utils.data.Dataset):
         i, epoch = key
         k = i * self.variants + (epoch + int(self.offsets[i])) % self.variants
         maps = [torch.from_numpy(np.asarray(m[k], dtype=np.float32)) for m in self.maps]
-        return maps, int(self.labels[i]), int(self.patterns[k]), torch.from_numpy(self.targets[k])
+        return (maps, int(self.labels[i]), int(self.patterns[k]), torch.from_numpy(self.targets[k]),
+                torch.from_numpy(self.shifts[k]))
 
 
 def stored_dataset(cfg, model: nn.Module, faces: TrainFaces, labels: np.ndarray, distributed: bool = False,
@@ -209,4 +233,6 @@ def stored_dataset(cfg, model: nn.Module, faces: TrainFaces, labels: np.ndarray,
     folder = build_feature_cache(model, faces, cfg.data.feature_cache_variants, root,
                                  stored_outputs_key(cfg, model, len(faces)), workers=cfg.data.num_workers,
                                  progress=progress)
+    if cfg.loss.align_weight > 0 and not (folder / "shifts.npy").is_file():
+        add_stored_shifts(faces, folder, cfg.data.num_workers, progress)
     return StoredFaces(folder, labels, cfg.seed)

@@ -25,6 +25,9 @@ class FromLoss(nn.Module):
     ``mask_weight`` > 0 (also beyond the paper) supervises the soft mask itself: binary cross-entropy
     toward 0 inside the labelled pattern's rectangle and 1 elsewhere (all 1 for clean faces), so the
     mask has to switch the occluded features off rather than leave that to the layers above it.
+
+    ``align_weight`` > 0 trains FROM's align head: L1 between its landmark shift and the shift that
+    re-detection really caused (fractions of the crop size; zero for faces aligned as when clean).
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class FromLoss(nn.Module):
         margin_weight: float = 1.0,
         mask_weight: float = 0.0,
         grid: int | None = None,
+        align_weight: float = 0.0,
     ):
         super().__init__()
         if margin not in MARGIN_HEADS:
@@ -49,7 +53,7 @@ class FromLoss(nn.Module):
         self.margin_weight = margin_weight
         if mask_weight > 0 and grid is None:
             raise ValueError("mask_weight needs the pattern grid of the model")
-        self.mask_weight, self.grid = mask_weight, grid
+        self.mask_weight, self.grid, self.align_weight = mask_weight, grid, align_weight
         if margin_weight == 0:  # no identity classifier to train (and none left unused under DDP)
             self.classifier.requires_grad_(False)
 
@@ -59,6 +63,7 @@ class FromLoss(nn.Module):
         labels: torch.Tensor,
         pattern_labels: torch.Tensor | None = None,
         target_embedding: torch.Tensor | None = None,
+        landmark_shift: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         total = output.embedding.new_zeros(())
@@ -75,6 +80,9 @@ class FromLoss(nn.Module):
         if self.mask_weight > 0 and output.mask is not None and output.mask.dim() == 4 and pattern_labels is not None:
             losses["mask"] = self._mask_loss(output.mask, pattern_labels)
             total = total + self.mask_weight * losses["mask"]
+        if self.align_weight > 0 and output.landmark_shift is not None and landmark_shift is not None:
+            losses["align"] = F.l1_loss(output.landmark_shift.float(), landmark_shift.float())
+            total = total + self.align_weight * losses["align"]
         losses["total"] = total
         return losses
 

@@ -54,12 +54,12 @@ class TrainingTask(nn.Module):
 
     def forward(self, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, patterns: torch.Tensor,
                 clean: torch.Tensor | None = None, keys: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``images`` may be stored stage maps (a list), with their stored ``targets``."""
+                targets: torch.Tensor | None = None, shifts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``images`` may be stored stage maps (a list), with their stored ``targets`` and landmark ``shifts``."""
         if targets is None and self.teacher is not None and clean is not None:
             targets = self.targets(clean, keys)
         output = self.model.forward_maps(images) if isinstance(images, list) else self.model(images)
-        return self.loss(output, labels, patterns, targets)
+        return self.loss(output, labels, patterns, targets, shifts)
 
 
 def run_info(rt, resume: str | None) -> dict:
@@ -77,6 +77,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def build_loss(cfg: TrainConfig, model: nn.Module, num_classes: int) -> FromLoss:
+    """The configured objective, refusing loss terms the model or data cannot feed (never a silent no-op)."""
+    loss = cfg.loss
+    if loss.mask_weight > 0 and (getattr(model, "mask_decoder", None) is None or model.mask_target != "features"):
+        raise ConfigError(f"loss.mask_weight needs a FROM model that masks a feature map; {cfg.model.name} "
+                          "with these options has none")
+    if loss.align_weight > 0:
+        if getattr(model, "align_head", None) is None:
+            raise ConfigError("loss.align_weight needs a FROM model with an align head (model.kwargs.align_head)")
+        if not (cfg.occlusion.enabled and cfg.occlusion.realign and cfg.data.feature_cache_variants > 0):
+            raise ConfigError("loss.align_weight learns from re-detected faces on stored trunk outputs: set "
+                              "occlusion.realign and data.feature_cache_variants")
+    return FromLoss(model.embedding_dim, num_classes, loss.margin, loss.scale, loss.margin_value, loss.pattern_weight,
+                    loss.consistency_weight, loss.margin_weight, loss.mask_weight, getattr(model, "grid", None),
+                    loss.align_weight)
 
 
 def build_occluder(cfg: TrainConfig, preprocess, context: float = 1.0):

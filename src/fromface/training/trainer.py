@@ -29,7 +29,7 @@ from fromface.training.loss import FromLoss
 from fromface.training.optim import build_optimizer, build_scheduler, param_groups
 from fromface.training.pack import open_faces
 from fromface.training.runtime import setup_runtime, teardown
-from fromface.training.task import TrainingTask, build_occluder, run_info, seed_everything
+from fromface.training.task import TrainingTask, build_loss, build_occluder, run_info, seed_everything
 from fromface.training.validate import PairBenchmark, validate
 
 
@@ -55,13 +55,7 @@ class Trainer:
         self.grid = getattr(self.model, "grid", None)
         self.stored = cfg.data.feature_cache_variants > 0
         self._build_data()
-        if cfg.loss.mask_weight > 0 and (getattr(self.model, "mask_decoder", None) is None
-                                         or self.model.mask_target != "features"):
-            raise ConfigError(f"loss.mask_weight needs a FROM model that masks a feature map; {cfg.model.name} "
-                              "with these options has none")
-        loss = FromLoss(self.model.embedding_dim, self.split.num_classes, cfg.loss.margin, cfg.loss.scale,
-                        cfg.loss.margin_value, cfg.loss.pattern_weight, cfg.loss.consistency_weight,
-                        cfg.loss.margin_weight, cfg.loss.mask_weight, self.grid)
+        loss = build_loss(cfg, self.model, self.split.num_classes)
         if cfg.model.init:
             self._initialise(cfg.model.init, loss)
         if self.stored:
@@ -218,11 +212,11 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, patterns: torch.Tensor,
                    clean: torch.Tensor | None = None, keys: torch.Tensor | None = None,
-                   targets: torch.Tensor | None = None) -> dict[str, float]:
+                   targets: torch.Tensor | None = None, shifts: torch.Tensor | None = None) -> dict[str, float]:
         """One optimiser step (over ``data.accumulate`` chunks of the batch); returns the loss parts as floats.
 
         ``images`` is a list of stored stage maps when training on stored trunk outputs; ``targets`` are then
-        the stored consistency targets.
+        the stored consistency targets and ``shifts`` the stored landmark shifts.
         """
         dev, fmt, chunks = self.device, self.memory_format, self.cfg.data.accumulate
         labels, patterns = labels.to(dev), patterns.to(dev)
@@ -233,7 +227,8 @@ class Trainer:
             images_parts = images.to(dev, memory_format=fmt).chunk(chunks)
         clean = clean.to(dev, memory_format=fmt) if clean is not None else None
         targets = targets.to(dev) if targets is not None else None
-        inputs = [labels, patterns, clean, keys, targets]
+        shifts = shifts.to(dev) if shifts is not None else None
+        inputs = [labels, patterns, clean, keys, targets, shifts]
         parts = [images_parts] + [t.chunk(chunks) if t is not None else [None] * chunks for t in inputs]
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
@@ -279,8 +274,8 @@ class Trainer:
             while self.step < self.total_steps:
                 self.set_train_mode()
                 for batch in self.loader(self.epoch, self.batch_in_epoch):
-                    if self.stored:  # (maps, labels, patterns, targets)
-                        batch = (*batch[:3], None, None, batch[3])
+                    if self.stored:  # (maps, labels, patterns, targets, shifts)
+                        batch = (*batch[:3], None, None, *batch[3:])
                     window.append(self.train_step(*batch))
                     self.batch_in_epoch += 1
                     if self.batch_in_epoch == self.steps_per_epoch:

@@ -3,6 +3,8 @@ and optional LFW / occluded LFW accuracy (reported only, never used to pick a ch
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -37,6 +39,22 @@ def pair_accuracy(emb_a: np.ndarray, emb_b: np.ndarray, same: np.ndarray) -> flo
     return float(kfold_accuracy(scores, same.astype(bool))["accuracy_mean"])
 
 
+@contextlib.contextmanager
+def refining(occluder, model: nn.Module, preprocess):
+    """While inside, a re-aligning occluder also applies the model's align head, as the product's aligner does."""
+    from fromface.inference.faces import model_refiner
+
+    refine = model_refiner(model, preprocess) if getattr(occluder, "needs_context", False) else None
+    if refine is None:
+        yield occluder
+        return
+    occluder.refine = refine
+    try:
+        yield occluder
+    finally:
+        occluder.refine = None
+
+
 def validate(model: nn.Module, source, pairs: np.ndarray, preprocess, device: torch.device, batch_size: int,
              occluder=None, seed: int = 0, amp: bool = False) -> dict[str, float]:
     """``val_acc`` on clean pairs; with an occluder also ``val_occ_acc`` (second image occluded) and ``val_mean``."""
@@ -49,7 +67,8 @@ def validate(model: nn.Module, source, pairs: np.ndarray, preprocess, device: to
     if occluder is not None:
         second = np.unique(pairs[:, 1])
         where_b = {int(r): i for i, r in enumerate(second)}
-        occ = embed(model, PlainFaces(source, second, preprocess, occluder, seed), batch_size, device, amp)
+        with refining(occluder, model, preprocess):
+            occ = embed(model, PlainFaces(source, second, preprocess, occluder, seed), batch_size, device, amp)
         ob = np.array([where_b[int(r)] for r in pairs[:, 1]])
         metrics["val_occ_acc"] = pair_accuracy(emb[a], occ[ob], pairs[:, 2])
         metrics["val_mean"] = (metrics["val_acc"] + metrics["val_occ_acc"]) / 2.0
