@@ -50,6 +50,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="which face when several are found (central: for photos centred on the subject)")
     p.add_argument("--no-fallback", action="store_true",
                    help="our models: no centre-crop fallback when no face is found (the pair then fails)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="FROM models with an align head: crop faces where the detector put them, without the "
+                   "head's correction (for ablations)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass for our models")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenCV threads (default: library default)")
     p.add_argument("--workers", type=int, default=1, help="embed in this many processes (default 1)")
@@ -69,7 +72,7 @@ def _setup(args: argparse.Namespace) -> list:
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
     return [load_embedder(m, select=args.select, fallback=not args.no_fallback, flip=args.flip,
-                          batch_size=args.batch_size) for m in args.models]
+                          batch_size=args.batch_size, refine=not args.no_refine) for m in args.models]
 
 
 def _bins(text: str) -> tuple[float, ...]:
@@ -117,7 +120,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 notes.append(f"{r['name']}: {far['note']}")
     report = {
         "command": command_line(args), "cwd": str(Path.cwd()), "environment": environment(), "select": args.select,
-        "flip": args.flip, "fallback": not args.no_fallback,
+        "flip": args.flip, "fallback": not args.no_fallback, "refine": not args.no_refine,
         "pairs": {"file": str(args.pairs), "root": str(args.root) if args.root else None, "format": args.format,
                   "n_pairs": len(pairs), "n_positive": n_pos, "n_negative": len(pairs) - n_pos,
                   "n_images": len(pair_images(pairs)), "manifest": str(args.manifest) if args.manifest else None,

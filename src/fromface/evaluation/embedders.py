@@ -126,12 +126,13 @@ class AlignedEmbedder(Embedder):
 class TorchEmbedder(AlignedEmbedder):
     """A PyTorch fromface model (registry name or trainer checkpoint)."""
 
-    def __init__(self, model, name: str, source: str, weights_id: str, **kw):
+    def __init__(self, model, name: str, source: str, weights_id: str, refine: bool = True, **kw):
         from fromface.inference.faces import model_refiner
 
         self.model = model.eval()
         super().__init__(model.preprocess, getattr(model, "model_name", name), name, source, weights_id, **kw)
-        self.aligner.refine = model_refiner(self.model, self.preprocess)  # FROM's align head re-crops the face
+        if refine:  # FROM's align head re-crops the face
+            self.aligner.refine = model_refiner(self.model, self.preprocess)
         if self.aligner.refine is not None:  # (only then: older cache keys stay valid)
             self.info["refine"] = True
 
@@ -184,15 +185,17 @@ def _load_checkpoint(path: Path):
 
 
 def load_embedder(spec: str, select: str = "central", fallback: bool = True, flip: bool = False,
-                  batch_size: int = 16) -> Embedder:
+                  batch_size: int = 16, refine: bool = True) -> Embedder:
     """Resolve ``--model``: a peer name (``sface``, ``face_recognition``, optionally ``peer:``-prefixed), a
-    trainer checkpoint (``.pt``/``.pth``), an ONNX file from ``fromface export`` or a registered model name."""
-    embedder = _resolve(spec, select, fallback, flip, batch_size)
-    embedder.factory = (spec, {"select": select, "fallback": fallback, "flip": flip, "batch_size": batch_size})
+    trainer checkpoint (``.pt``/``.pth``), an ONNX file from ``fromface export`` or a registered model name.
+    ``refine=False`` ignores a FROM model's align head (faces stay where the detector put them)."""
+    embedder = _resolve(spec, select, fallback, flip, batch_size, refine)
+    embedder.factory = (spec, {"select": select, "fallback": fallback, "flip": flip, "batch_size": batch_size,
+                               "refine": refine})
     return embedder
 
 
-def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int) -> Embedder:
+def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int, refine: bool) -> Embedder:
     peer = spec.removeprefix("peer:")
     if peer in PEER_NAMES:
         from fromface.evaluation.peers import make_peer
@@ -204,7 +207,7 @@ def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int
             raise ConfigError(f"{path}: checkpoint file not found")
         model = _load_checkpoint(path)
         return TorchEmbedder(model, name=path.stem, source=str(path), weights_id=_file_identity(path),
-                             select=select, fallback=fallback, flip=flip, batch_size=batch_size)
+                             select=select, fallback=fallback, flip=flip, batch_size=batch_size, refine=refine)
     if path.suffix.lower() == ".onnx":
         if not path.is_file():
             raise ConfigError(f"{path}: ONNX file not found")
@@ -218,4 +221,4 @@ def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int
     # The cache key holds the weights' digest only: renaming or adding a pretrained tag must not invalidate it.
     return TorchEmbedder(model, name=spec, source=f"registry:{spec} (pretrained tags: {tags})",
                          weights_id=f"sha256:{state_digest(model)}", select=select, fallback=fallback, flip=flip,
-                         batch_size=batch_size)
+                         batch_size=batch_size, refine=refine)

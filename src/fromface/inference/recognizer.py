@@ -178,12 +178,14 @@ class FaceRecognizer:
     ``"largest"``, ``"central"``, ``"all"``, or ``"single"`` (error when several faces are found). ``fallback``:
     centre-crop photos with no detected face (for pre-cropped photos). ``detector``: any
     :class:`~fromface.inference.detection.FaceDetector` (default YuNet). ``threshold`` overrides calibration.
+    ``refine``: a FROM model with an align head re-crops each face from the points it predicts (a detector's
+    landmarks move on occluded faces); False skips that second look. ONNX files have no align head.
     """
 
     def __init__(self, model: Any = None, backend: str = "torch", device: str = "cpu", select: str = "largest",
                  fallback: bool = False, tag: str | None = None, far: str = DEFAULT_FAR,
                  threshold: float | None = None, batch_size: int = 16, onnx_path: str | os.PathLike | None = None,
-                 detector: Any = None):
+                 detector: Any = None, refine: bool = True):
         if backend not in ("torch", "onnx"):
             raise ConfigError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         if select not in SELECTIONS:
@@ -217,9 +219,9 @@ class FaceRecognizer:
         from fromface.inference.faces import FaceAligner, model_refiner
 
         aligner_select = "all" if select == "single" else select
-        refine = model_refiner(self.torch_model, self.preprocess) if self.torch_model is not None else None
+        refiner = model_refiner(self.torch_model, self.preprocess) if refine and self.torch_model is not None else None
         self.aligner = FaceAligner(self.preprocess.template, select=aligner_select, fallback=fallback,
-                                   detector=detector, refine=refine)
+                                   detector=detector, refine=refiner)
         self._vocab = None
 
     # ------------------------------------------------------------------ model loading
