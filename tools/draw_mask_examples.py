@@ -2,8 +2,9 @@
 
     python tools/draw_mask_examples.py [--model from_sface_net:celeba299-realign] [--out docs/img/mask_examples.png]
 
-Top row: the aligned crop the model sees (an example photo, clean or occluded by fromface's synthesiser
-with one occluder category each, seed fixed). Bottom row: the predicted soft mask over its feature
+Top row: the aligned crop the model sees. The example photo is occluded by fromface's synthesiser (one
+occluder category each, seed fixed) and then detected and aligned as the product does, with the model's
+align head when it has one. Bottom row: the predicted soft mask over its feature
 map, drawn as a heat map (no tint: mask >= 0.95; full red: mask <= 0.7, the feature suppressed), and the
 predicted occlusion pattern (green box;
 pattern 0 = "no occlusion" draws none), with the mask's smallest value.
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fromface.inference.faces import FaceAligner
+from fromface.data.images import load_image
+from fromface.inference.faces import FaceAligner, model_refiner
 from fromface.models import create_model
 from fromface.occlusion.patterns import pattern_boxes
 from fromface.training.data import SynthesizerOccluder, to_tensor
@@ -62,13 +64,17 @@ def main() -> None:
     args = parser.parse_args()
     model = create_model(args.model).eval()
     p = model.preprocess
-    crop = FaceAligner(p.template).align(args.photo)[0].crop
+    photo = load_image(args.photo)
+    face = FaceAligner(p.template).align_array(photo)[0]
+    aligner = FaceAligner(p.template, refine=model_refiner(model, p))
     top, bottom = [], []
     for name, category in COLUMNS:
-        image = crop
+        occluded = photo
         if category is not None:
-            occluder = SynthesizerOccluder(str(args.occluders), [category], "face", p.template, p.size)
-            image, _ = occluder(crop, np.random.default_rng([args.seed, len(top)]))
+            synth = SynthesizerOccluder(str(args.occluders), [category], "face", p.template, p.size).synth
+            occluded = synth.occlude(photo, np.random.default_rng([args.seed, len(top)]), face_box=face.box,
+                                     landmarks=face.landmarks).image
+        image = aligner.align_array(occluded)[0].crop
         with torch.no_grad():
             out = model(to_tensor(image, p.mean, p.std, p.channel_order)[None])
         mask = out.mask[0].mean(0).numpy()
