@@ -3,7 +3,8 @@ face_recognition (dlib), on the same LFW photos, in one run so the ratios are co
 
 Each number covers decode + detect + align + embed (+ compare or gallery search). Verify: pairs from LFW's
 pairs.txt, images/s = 2 x pairs / seconds. Identify: a gallery of one photo per identity (plus random filler
-templates up to ``--gallery``) is enrolled untimed, then one probe photo per identity is identified.
+templates up to ``--gallery``) is enrolled untimed, then one probe photo per identity is identified. For a
+FROM model with an align head, the PyTorch backend also runs with the head off (what its second look costs).
 
     .venv/bin/python benchmarks/e2e_speed.py --pairs 30 --probes 30 --threads 2 --out bench.json
 """
@@ -60,11 +61,14 @@ def one_pass(fn, items) -> tuple[float, int]:
     return time.perf_counter() - start, failures
 
 
-def fromface_engine(backend: str, model: str | None, gallery_size: int, gallery_photos: list[str], dim_rng):
+def fromface_engine(backend: str, model: str | None, gallery_size: int, gallery_photos: list[str], dim_rng,
+                    refine: bool = True):
     from fromface.inference.gallery import Gallery, Template
     from fromface.inference.recognizer import FaceRecognizer
 
-    rec = FaceRecognizer(model, backend=backend, select="central", fallback=True)
+    rec = FaceRecognizer(model, backend=backend, select="central", fallback=True, refine=refine)
+    if not refine and getattr(rec.torch_model, "align_head", None) is None:
+        raise RuntimeError(f"{rec.model_name} has no align head: nothing to switch off")
     folder = tempfile.mkdtemp(prefix="fromface-bench-")
     gallery = Gallery(Path(folder) / "g.db", recognizer=rec)
     for k, photo in enumerate(gallery_photos):
@@ -78,7 +82,7 @@ def fromface_engine(backend: str, model: str | None, gallery_size: int, gallery_
     return {
         "verify": lambda pair: rec.verify(*pair),
         "identify": lambda photo: gallery.identify(photo, top_k=5),
-        "name": f"fromface {rec.model_name} ({backend})",
+        "name": f"fromface {rec.model_name} ({backend}{'' if refine else ', align head off'})",
         "templates": len(gallery),
     }
 
@@ -166,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     gallery_photos, probes = probe_sets(args.probes)
     engines = []
     builders = [lambda: fromface_engine("torch", args.model, args.gallery, gallery_photos, np.random.default_rng(0)),
+                lambda: fromface_engine("torch", args.model, args.gallery, gallery_photos, np.random.default_rng(0),
+                                        refine=False),
                 lambda: fromface_engine("onnx", args.model, args.gallery, gallery_photos, np.random.default_rng(0)),
                 lambda: face_recognition_engine(args.gallery, gallery_photos, np.random.default_rng(0))]
     for build in builders:
