@@ -54,6 +54,17 @@ def model_refiner(model, preprocess) -> Refiner | None:
     return refine
 
 
+def refined_landmarks(refine: Refiner, landmarks: np.ndarray, crop: np.ndarray, template: str) -> np.ndarray:
+    """Where ``refine`` says the face's points really are, in the photo: ``crop`` is the photo warped from
+    ``landmarks`` onto ``template``; the predicted shift is mapped back through that warp."""
+    import cv2
+
+    tpl = get_template(template)
+    to_crop = similarity_transform(landmarks, tpl.points)
+    in_crop = tpl.points + refine(crop) * np.array(tpl.size[::-1], dtype=np.float64)
+    return transform_points(cv2.invertAffineTransform(to_crop), in_crop)
+
+
 @dataclass
 class AlignedFace:
     """An aligned crop and where it came from: box/landmarks in the source image, score, method and template."""
@@ -193,12 +204,7 @@ class FaceAligner:
         """Warp one face; with ``refine``, warp it again from the points the model says the face really has."""
         crop = warp_face(image_rgb, landmarks, self.template)
         if self.refine is not None:
-            import cv2
-
-            template = get_template(self.template)
-            to_crop = similarity_transform(landmarks, template.points)
-            in_crop = template.points + self.refine(crop) * np.array(template.size[::-1], dtype=np.float64)
-            landmarks = transform_points(cv2.invertAffineTransform(to_crop), in_crop)
+            landmarks = refined_landmarks(self.refine, landmarks, crop, self.template)
             crop = warp_face(image_rgb, landmarks, self.template)
         return AlignedFace(crop=crop, box=box, landmarks=landmarks, score=score, method=method, template=self.template)
 

@@ -153,8 +153,8 @@ class RealigningOccluder:
     def __call__(self, canvas: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import cv2
 
-        from fromface.inference.alignment import similarity_transform, transform_points
-        from fromface.inference.faces import FaceAligner, covers_centre
+        from fromface.inference.alignment import similarity_transform, transform_points, warp_face
+        from fromface.inference.faces import FaceAligner, covers_centre, refined_landmarks
 
         if self._aligner is None:
             self._aligner = FaceAligner(self.template.name, select="central")
@@ -164,14 +164,12 @@ class RealigningOccluder:
         chosen = self._aligner.choose(faces, height, width)
         found = chosen and covers_centre(chosen[0], height, width)
         points = chosen[0].landmarks if found else self.landmarks
+        crop = warp_face(result.image, points, self.template)
+        if self.refine is not None:  # what the product does with FROM's align head (validation, calibration)
+            points = refined_landmarks(self.refine, points, crop, self.template.name)
+            crop = warp_face(result.image, points, self.template)
         size = (self.template.size[1], self.template.size[0])
         matrix = similarity_transform(points, self.template.points)
-        crop = cv2.warpAffine(result.image, matrix, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-        if self.refine is not None:  # what the product does with FROM's align head (validation, calibration)
-            in_crop = self.template.points + self.refine(crop) * np.array(size, dtype=np.float64)
-            matrix = similarity_transform(transform_points(cv2.invertAffineTransform(matrix), in_crop),
-                                          self.template.points)
-            crop = cv2.warpAffine(result.image, matrix, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         mask = cv2.warpAffine(result.mask.astype(np.uint8), matrix, size, flags=cv2.INTER_NEAREST)
         shift = (transform_points(matrix, self.landmarks) - self.template.points) / np.array(size, dtype=np.float64)
         return np.ascontiguousarray(crop), mask.astype(bool), shift.astype(np.float32)
