@@ -23,22 +23,22 @@ from fromface.training.trainer import Trainer
 TINY = "test_tiny_ir"
 
 
-def register_tiny() -> None:
-    """A 3-stage iResNet at 32x32 (a few thousand parameters) and its FROM variant, for fast CPU tests."""
+def register_tiny(name: str = TINY, size: int = 32, widths: tuple[int, int, int] = (8, 16, 16)) -> None:
+    """A 3-stage iResNet (a few thousand parameters) and its FROM variant, for fast CPU tests."""
     from fromface.models import Preprocess, get_spec, register_from_variant, register_model
     from fromface.models.iresnet import IResNet, Recognizer
 
     try:
-        get_spec(TINY)
+        get_spec(name)
         return
     except ConfigError:
         pass
 
-    @register_model(TINY, Preprocess(template="arcface112", size=(32, 32)), "tiny test net")
+    @register_model(name, Preprocess(template="arcface112", size=(size, size)), f"tiny test net at {size}x{size}")
     def tiny(embedding_dim: int = 16) -> Recognizer:
-        return Recognizer(IResNet((1, 1, 1), (8, 16, 16)), (32, 32), embedding_dim)
+        return Recognizer(IResNet((1, 1, 1), widths), (size, size), embedding_dim)
 
-    register_from_variant(TINY)
+    register_from_variant(name)
 
 
 def make_faces(root: Path, identities: int = 8, per_id: int = 5, size: int = 40, seed: int = 0) -> Path:
@@ -597,20 +597,7 @@ TINY112 = "test_tiny_ir112"
 
 def register_tiny112() -> None:
     """The tiny iResNet at the arcface112 template's own size (context packs need crops at template size)."""
-    from fromface.models import Preprocess, get_spec, register_from_variant, register_model
-    from fromface.models.iresnet import IResNet, Recognizer
-
-    try:
-        get_spec(TINY112)
-        return
-    except ConfigError:
-        pass
-
-    @register_model(TINY112, Preprocess(template="arcface112", size=(112, 112)), "tiny test net at 112x112")
-    def tiny112(embedding_dim: int = 16) -> Recognizer:
-        return Recognizer(IResNet((1, 1, 1), (4, 8, 8)), (112, 112), embedding_dim)
-
-    register_from_variant(TINY112)
+    register_tiny(TINY112, 112, (4, 8, 8))
 
 
 class _FixedDetector:
