@@ -87,7 +87,9 @@ def test_enroll_identify(ckpt, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["gallery_templates"] == 5 and len(out["matches"]) == 2
     assert out["matches"][0]["name"] == "bob" and out["matches"][0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert main(["identify", extra, "--db", db, "--fallback"]) == 0  # the gallery remembers the checkpoint
+    assert main(["identify", extra, "--db", db, "--fallback"]) == 2  # a gallery never picks the model file to load
+    assert "does not load a model a gallery names" in capsys.readouterr().err
+    assert main(["identify", extra, "--db", db, "--fallback", "--model", ckpt]) == 0
     assert "looks like dan" in capsys.readouterr().out
 
 

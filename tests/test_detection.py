@@ -266,7 +266,8 @@ def test_align_cli_summary_csv_and_resume(tmp_path, capsys):
     src, dst = tmp_path / "src", tmp_path / "dst"
     _tree(src)
     n_faces = 2 if LFW.is_dir() else 0
-    assert main(["align", str(src), str(dst), "--template", "arcface112", "--no-progress", "--select", "central"]) == 0
+    # exit status 1: two images failed (the summary says which)
+    assert main(["align", str(src), str(dst), "--template", "arcface112", "--no-progress", "--select", "central"]) == 1
     out = capsys.readouterr().out
     assert f"{n_faces + 2} images: {n_faces} detected, 0 retry, 0 fallback, 2 failed" in out
     rows = _csv(dst / "align_results.csv")
@@ -276,13 +277,15 @@ def test_align_cli_summary_csv_and_resume(tmp_path, capsys):
         assert rows["a/face0.jpg"]["status"] == "detected" and float(rows["a/face0.jpg"]["score"]) > 0.5
         assert Image.open(dst / "a" / "face0.png").size == (112, 112)
     # Re-run: finished images are skipped, failures are retried.
-    assert main(["align", str(src), str(dst), "--no-progress", "--select", "central"]) == 0
-    assert f"({n_faces} already done, 2 processed" in capsys.readouterr().out
+    assert main(["align", str(src), str(dst), "--no-progress", "--select", "central"]) == 1
+    out = capsys.readouterr().out
+    assert f"({n_faces} already done, 2 processed" in out
+    assert "use --fallback for centred photos" in out and "fallback=True" not in out  # CLI wording
     # Other settings into the same folder are refused rather than mixed.
     assert main(["align", str(src), str(dst), "--no-progress", "--fallback"]) == 2
     assert "other settings" in capsys.readouterr().err
     fb = tmp_path / "fb"
-    assert main(["align", str(src), str(fb), "--no-progress", "--fallback", "--template", "sphereface112x96"]) == 0
+    assert main(["align", str(src), str(fb), "--no-progress", "--fallback", "--template", "sphereface112x96"]) == 1
     assert f"{n_faces} detected, 0 retry, 1 fallback, 1 failed" in capsys.readouterr().out
     assert Image.open(fb / "b" / "c" / "blank.png").size == (96, 112)
 

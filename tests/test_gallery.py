@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fromface.errors import ConfigError, DataError, NoFaceError
+from fromface.errors import AlreadyEnrolledError, ConfigError, DataError, NoFaceError
 from fromface.inference.gallery import Gallery, Template
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -37,7 +37,9 @@ def test_enroll_search_remove(tmp_path):
     top = g.search(probe, top_k=2)
     assert [m.name for m in top][0] == "bob" and len(top) == 2 and top[0].score > top[1].score
     assert top[0].template_occluded is None  # enrolled without an occlusion estimate
-    assert g.enroll_templates("bob", [Template(unit(rng))]) == 1  # several templates per identity
+    with pytest.raises(AlreadyEnrolledError, match="'bob' is already enrolled"):
+        g.enroll_templates("bob", [Template(unit(rng))])  # a second "bob" is not merged into the first
+    assert g.enroll_templates("bob", [Template(unit(rng))], mode="add") == 1  # several templates per identity
     assert g.counts()["bob"] == 3
     assert g.remove("bob") == 3 and g.remove("nobody") == 0
     assert "bob" not in [m.name for m in g.search(probe, top_k=5)]
@@ -72,7 +74,7 @@ def test_search_matches_brute_force_and_cache_sees_other_writers(tmp_path):
 def test_schema_version_and_bad_files(tmp_path):
     Gallery(tmp_path / "g.db").close()
     con = sqlite3.connect(tmp_path / "g.db")
-    assert con.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    assert con.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.execute("UPDATE schema_version SET version = 99")
     con.commit()
@@ -105,9 +107,10 @@ def test_enroll_and_identify_images_all_or_nothing(tmp_path):
     pics = [np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((112, 112)))
             for _ in range(3)]
     g = Gallery(tmp_path / "g.db", recognizer=rec)
-    assert g.enroll("ann", [pics[0], pics[1]]) == 2
-    assert g.enroll("bob", pics[2]) == 1
-    assert g.meta() == {"dim": "512", "model": "from_mobilefacenet", "source": "from_mobilefacenet"}
+    assert g.enroll("ann", [pics[0], pics[1]]).added == 2
+    assert g.enroll("bob", pics[2]).added == 1
+    assert rec.model_id.startswith("module:from_mobilefacenet:")  # untrained weights: named by their digest
+    assert g.meta() == {"dim": "512", "model_id": rec.model_id, "model": rec.model_id, "source": "from_mobilefacenet"}
     matches = g.identify(pics[2], top_k=2)
     assert matches[0].name == "bob" and matches[0].score == pytest.approx(1.0, abs=1e-4) and matches[0].same
     assert matches[0].threshold == 0.35 and matches[0].condition in ("clean", "occluded")

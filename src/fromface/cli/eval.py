@@ -88,6 +88,7 @@ def _bins(text: str) -> tuple[float, ...]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from fromface.cli._output import check_output_folder
     from fromface.data.pairs import pair_images, read_pairs
     from fromface.evaluation.report import (
         command_line,
@@ -100,11 +101,11 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     from fromface.evaluation.verification import evaluate_pairs, read_manifest
 
+    check_output_folder(args.out)
     pairs = _first_folds(read_pairs(args.pairs, root=args.root, format=args.format), args)
     bins = _bins(args.bins)
     occlusion = read_manifest(args.manifest, args.root) if args.manifest else None
     embedders = _setup(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     cache = None if args.no_cache else (args.cache or args.out / "cache")
     results = evaluate_pairs(pairs, embedders, cache, occlusion, bins, args.folds, progress=not args.quiet,
                              workers=args.workers)
@@ -151,6 +152,8 @@ def _first_folds(pairs: list, args: argparse.Namespace) -> list:
 
 
 def run_eval_id(args: argparse.Namespace) -> int:
+    from fromface.cli._output import check_output_folder
     from fromface.evaluation.identification import run_identification_cli
 
+    check_output_folder(args.out)
     return run_identification_cli(args, _setup(args))

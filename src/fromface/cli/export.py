@@ -12,7 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "so `FaceRecognizer(\"OUT.onnx\")` and `--model OUT.onnx` use it directly.")
     p.add_argument("format", choices=("onnx",))
     p.add_argument("output", metavar="OUT.onnx")
-    p.add_argument("--model", default=None, help="registered model name or training checkpoint (default model)")
+    p.add_argument("--model", default=None,
+                   help="'default', a registered model name (name:tag) or a training checkpoint (default model)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.onnx if it exists")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs PyTorch comparison")
     p.set_defaults(func=run)
 
@@ -21,9 +23,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from fromface.cli._output import check_output_file
     from fromface.inference.onnx_backend import OnnxFaceModel, export_onnx
     from fromface.inference.recognizer import FaceRecognizer
 
+    check_output_file(args.output, force=args.force)
     rec = FaceRecognizer(args.model)
     net = rec.torch_model
     path = export_onnx(net, args.output, rec.tag, rec.thresholds)  # thresholds only for a tag's own weights

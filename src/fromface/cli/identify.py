@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fromface.cli.verify import add_recognizer_args
+from fromface.cli.verify import add_recognizer_args, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Find the enrolled identities closest to the face in IMAGE (exact cosine search).")
     p.add_argument("image", help="photo to identify")
     p.add_argument("--db", required=True, help="gallery database (made by `fromface enroll`)")
-    p.add_argument("--top", type=int, default=5, help="number of identities to list (default 5)")
+    p.add_argument("--top", type=positive_int, default=5, help="number of identities to list (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_recognizer_args(p)
     p.set_defaults(func=run)
@@ -20,20 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from fromface.errors import DataError
+    from fromface.cli.verify import recognizer_for_gallery
     from fromface.inference.gallery import Gallery
 
-    if not Path(args.db).is_file():
-        raise DataError(f"{args.db}: gallery not found (create it with `fromface enroll ... --db {args.db}`)")
-    with Gallery(args.db) as gallery:
-        if args.model is None:
-            meta = gallery.meta()
-            args.model = meta.get("source") or meta.get("model")  # the model the gallery was enrolled with
-        from fromface.cli.verify import recognizer_from_args
-
-        gallery._recognizer = recognizer_from_args(args)
+    with Gallery(args.db, read_only=True) as gallery:  # searching never writes to the file
+        recognizer_for_gallery(args, gallery)
         face = gallery.recognizer.embed(args.image)[0]
         matches = gallery.identify(face, top_k=args.top)
         size = len(gallery)

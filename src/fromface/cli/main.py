@@ -16,6 +16,16 @@ import fromface.cli as cli_package
 from fromface import __version__
 from fromface.errors import FromfaceError
 
+#: Hints in library errors are written for the Python API; the CLI says them with its own flags.
+CLI_WORDING = {"fallback=True": "--fallback", "select='largest'": "--select largest", "mode='add'": "--add"}
+
+
+def cli_wording(message: str) -> str:
+    """A library error message with its API hints turned into command-line options."""
+    for api, flag in CLI_WORDING.items():
+        message = message.replace(api, flag)
+    return message
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -34,14 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options (`train CONFIG --print-config a.b=1`), which argparse's
+    # positional list does not take; a command says where they go with set_defaults(extra_overrides="field").
+    field = getattr(args, "extra_overrides", None)
+    if extra and field and all("=" in e and not e.startswith("-") for e in extra):
+        getattr(args, field).extend(extra)
+    elif extra:
+        parser.parse_args(argv)  # argparse's own message and exit status for what it does not know
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
     except FromfaceError as exc:
-        print(f"fromface {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fromface {args.command}: error: {cli_wording(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "step_*.pt in <output_dir>/checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, extra_overrides="overrides")
 
     q = sub.add_parser(
         "pack", help="pack an identity folder into aligned crops for fast training",

@@ -8,10 +8,22 @@ from __future__ import annotations
 import argparse
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_recognizer_args(p: argparse.ArgumentParser, select: str = "largest") -> None:
     """Options that choose and configure the FaceRecognizer."""
     p.add_argument("--model", default=None,
-                   help="registered model name, training checkpoint (.pt) or exported .onnx (default model)")
+                   help="'default', a registered model name (name:tag), a training checkpoint (.pt) or an exported "
+                   ".onnx (default: the default model; with --db, the registered model the gallery was made with)")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="inference engine (default torch)")
     p.add_argument("--select", choices=("largest", "central", "single"), default=select,
                    help=f"which face of a photo to use; 'single' refuses photos with several faces (default {select})")
@@ -25,6 +37,15 @@ def recognizer_from_args(args: argparse.Namespace):
 
     return FaceRecognizer(args.model, backend=args.backend, select=args.select, fallback=args.fallback,
                           threshold=args.threshold)
+
+
+def recognizer_for_gallery(args: argparse.Namespace, gallery) -> None:
+    """Give ``gallery`` the recognizer ``--model`` names or, without it, the registered model the gallery was enrolled
+    with (a gallery made with a model file needs --model: nothing is loaded because a database names it). Another
+    model than the gallery's is refused by the gallery."""
+    if args.model is None:
+        args.model = gallery.model_spec()  # None for an empty gallery: the default model
+    gallery.recognizer = recognizer_from_args(args)
 
 
 def describe_face(label: str, face) -> str:

@@ -17,6 +17,32 @@ ImageSource = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
 #: Largest image accepted (pixels). Bigger files are refused as likely decompression bombs.
 MAX_PIXELS = 64_000_000
 
+#: File name endings that folder scans (embed, enroll, align) treat as images. HEIC/HEIF is listed so that such a
+#: file is reported with how to convert it, not passed over in silence.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff",
+                              ".gif", ".ppm", ".pgm", ".pbm", ".pnm", ".heic", ".heif"})
+
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
+HEIC_HINT = ("HEIC/HEIF images are not supported; convert it to JPEG first (e.g. `heif-convert photo.heic "
+             "photo.jpg` from libheif, or export as JPEG from the phone or photo app)")
+
+
+def scan_images(folder: str | os.PathLike, recursive: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Image files in ``folder`` (sorted; sub-folders too with ``recursive``) and, for every other file, (path,
+    why it was skipped), so that nothing is passed over in silence."""
+    root = Path(folder)
+    found = root.rglob("*") if recursive else root.iterdir()
+    images, skipped = [], []
+    for path in sorted(found):
+        if not path.is_file():
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            what = f"extension {path.suffix}" if path.suffix else "no extension"
+            skipped.append((path, f"not an image file ({what}; images end in .jpg, .png, .webp, .bmp, .tif, .gif)"))
+    return images, skipped
+
 
 def describe_source(source: ImageSource) -> str:
     """A short printable name for an image source, used in error messages."""
@@ -99,6 +125,8 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
+            if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+                raise ImageError(name, HEIC_HINT) from None
             raise ImageError(name, "not a recognised image format (corrupt or not an image)") from None
         except Image.DecompressionBombError as exc:
             raise ImageError(name, f"refused as a likely decompression bomb ({exc})") from None

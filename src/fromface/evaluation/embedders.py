@@ -159,31 +159,6 @@ class OnnxEmbedder(AlignedEmbedder):
         return np.asarray(self.model(batch)[0], dtype=np.float32)
 
 
-def _load_checkpoint(path: Path):
-    import torch
-
-    from fromface.models import create_model
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise ConfigError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ckpt, dict) or "model_name" not in ckpt or "state_dict" not in ckpt:
-        raise ConfigError(f"{path}: not a fromface checkpoint (expected a dict with 'model_name', 'model_kwargs', "
-                          "'state_dict')")
-    kwargs = dict(ckpt.get("model_kwargs") or {})
-    try:
-        model = create_model(ckpt["model_name"], **kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{path}: cannot build {ckpt['model_name']!r}: {exc}") from None
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: weights do not fit {ckpt['model_name']!r}: {first}") from None
-    return model
-
-
 def load_embedder(spec: str, select: str = "central", fallback: bool = True, flip: bool = False,
                   batch_size: int = 16, refine: bool = True) -> Embedder:
     """Resolve ``--model``: a peer name (``sface``, ``face_recognition``, optionally ``peer:``-prefixed), a
@@ -205,16 +180,21 @@ def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int
     if path.suffix.lower() in (".pt", ".pth", ".ckpt"):
         if not path.is_file():
             raise ConfigError(f"{path}: checkpoint file not found")
-        model = _load_checkpoint(path)
+        from fromface.models.checkpoint import load_model
+
+        model = load_model(path)
         return TorchEmbedder(model, name=path.stem, source=str(path), weights_id=_file_identity(path),
                              select=select, fallback=fallback, flip=flip, batch_size=batch_size, refine=refine)
     if path.suffix.lower() == ".onnx":
         if not path.is_file():
             raise ConfigError(f"{path}: ONNX file not found")
         return OnnxEmbedder(path, select=select, fallback=fallback, flip=flip, batch_size=batch_size)
+    from fromface.inference.recognizer import default_model_spec
     from fromface.models import create_model, get_spec
     from fromface.models.weights import state_digest
 
+    if spec == "default":
+        spec = default_model_spec()
     spec_obj = get_spec(spec.split(":", 1)[0])  # "name:tag" too; unknown names list close matches
     model = create_model(spec)
     tags = ",".join(sorted(spec_obj.pretrained)) or "none"

@@ -75,6 +75,7 @@ class AlignedFace:
     score: float
     method: str  # "detected" | "retry" | "fallback"
     template: str
+    faces_found: int = 1  # faces detected in the image (this one was chosen by the selection rule); 0: fallback
 
 
 BoxFractions = tuple[float, float, float]
@@ -192,12 +193,17 @@ class FaceAligner:
         if chosen and self.fallback and self.select == "central" and not covers_centre(chosen[0], h, w):
             chosen = []  # only faces away from the centre: on a centred photo the centre crop is the better guess
         if chosen:
-            return [self._aligned(image_rgb, f.box, f.landmarks, f.score, method) for f in chosen]
+            aligned = [self._aligned(image_rgb, f.box, f.landmarks, f.score, method) for f in chosen]
+            for face in aligned:
+                face.faces_found = len(faces)
+            return aligned
         if not self.fallback:
             raise NoFaceError(f"{name}: no face found (also retried with score threshold {self.retry_threshold} "
                               f"on a {self.retry_scale:g}x upscaled image); use fallback=True for centred photos")
         box, landmarks = fallback_landmarks(h, w, self.fallback_box)
-        return [self._aligned(image_rgb, box, landmarks, 0.0, "fallback")]
+        face = self._aligned(image_rgb, box, landmarks, 0.0, "fallback")
+        face.faces_found = len(faces)
+        return [face]
 
     def _aligned(self, image_rgb: np.ndarray, box: np.ndarray, landmarks: np.ndarray, score: float,
                  method: str) -> AlignedFace:

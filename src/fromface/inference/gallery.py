@@ -4,25 +4,38 @@ Why SQLite: one file, safe for several processes (WAL journal, ``BEGIN IMMEDIATE
 crash in the middle of an enrolment never leaves half an identity behind. Templates are float32 blobs with their
 occlusion state; the search matrix is loaded once and reloaded only when the file changed (``PRAGMA data_version``
 sees other processes' commits). For very large galleries an optional FAISS inner-product index is used if installed.
+
+What a gallery file is trusted with: names, embeddings and the *identity* of the model that made them. It never
+decides which code or weights run: a gallery made with a registered model names that model (``name:tag``), which
+loads only weights shipped in the package; a gallery made with a checkpoint or ONNX file records the file's sha256,
+and that file is used only when the caller passes it explicitly. Searching with another model is refused.
+Read-only commands open the file read-only (``mode=ro``) and never write to it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from fromface.errors import ConfigError, DataError
+from fromface.errors import AlreadyEnrolledError, ConfigError, DataError, ImageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: templates.digest (sha256 of the enrolled image), so the same image is never enrolled twice
+READABLE_VERSIONS = (1, 2)
+#: Longest identity name accepted (characters).
+MAX_NAME_LENGTH = 200
+ENROL_MODES = ("new", "add")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -32,9 +45,11 @@ CREATE TABLE IF NOT EXISTS templates (
     id INTEGER PRIMARY KEY,
     identity_id INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
     embedding BLOB NOT NULL, dim INTEGER NOT NULL,
-    occluded INTEGER, pattern INTEGER, visible_fraction REAL, source TEXT, created REAL NOT NULL);
+    occluded INTEGER, pattern INTEGER, visible_fraction REAL, source TEXT, created REAL NOT NULL, digest TEXT);
 CREATE INDEX IF NOT EXISTS templates_identity ON templates(identity_id);
+CREATE INDEX IF NOT EXISTS templates_digest ON templates(digest);
 """
+_FROMFACE_TABLES = {"schema_version", "meta", "identities", "templates"}
 
 
 @dataclass
@@ -46,6 +61,53 @@ class Template:
     pattern: int | None = None
     visible_fraction: float | None = None
     source: str = ""
+    digest: str | None = None  # sha256 of the image it came from: the same image is not enrolled twice
+
+
+@dataclass
+class Enrolment:
+    """What one enrolment did: templates ``added`` to identity ``name``, images ``skipped`` (``"source: reason"``)
+    and the identity's ``templates`` afterwards."""
+
+    name: str
+    added: int
+    skipped: list[str]
+    templates: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "added": self.added, "skipped": list(self.skipped), "templates": self.templates}
+
+
+def image_digest(image: Any) -> str:
+    """sha256 of an image as given: a file's bytes, encoded bytes, or an array's/PIL image's pixels and shape."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            data = Path(image).read_bytes()
+        except OSError as exc:
+            raise ImageError(str(image), "no such file" if not Path(image).exists() else
+                             f"cannot read file ({exc.strerror or exc})") from None
+    elif isinstance(image, (bytes, bytearray)):
+        data = bytes(image)
+    elif isinstance(image, np.ndarray):
+        data = repr((image.shape, str(image.dtype))).encode() + np.ascontiguousarray(image).tobytes()
+    elif isinstance(image, Image.Image):
+        data = repr((image.size, image.mode)).encode() + image.tobytes()
+    else:
+        raise ImageError(f"<{type(image).__name__}>", "expected a path, bytes, a PIL image or a numpy array")
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_name(name: Any) -> str:
+    """An identity name as stored: stripped, 1-200 characters, no control characters (NUL, newline, tab...)."""
+    text = str(name).strip()
+    if not text:
+        raise DataError("an identity needs a non-empty name")
+    if len(text) > MAX_NAME_LENGTH:
+        raise DataError(f"identity name of {len(text):,} characters is over the limit of {MAX_NAME_LENGTH}")
+    bad = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise DataError(f"identity name {text[:40]!r} contains the control character {bad!r}")
+    return text
 
 
 @dataclass
@@ -69,51 +131,112 @@ class Match:
 
 class Gallery:
     """Enrolled identities in one SQLite file; ``enroll``, ``remove``, ``identify``. Safe across threads and
-    processes. ``recognizer`` embeds images (a :class:`FaceRecognizer`, built lazily from the model the gallery
-    was created with when not given); ``use_faiss``: ``"auto"`` (above 200k templates, if installed), True, False.
+    processes. ``recognizer`` embeds images (a :class:`FaceRecognizer`; built lazily from the registered model the
+    gallery was enrolled with when not given; a gallery made with a model file needs that file passed explicitly).
+    ``read_only=True`` opens the file without ever writing to it (identify, search; also in a read-only folder).
+    ``use_faiss``: ``"auto"`` (above 200k templates, if installed), True, False.
     """
 
     def __init__(self, path: str | os.PathLike, recognizer: Any = None, use_faiss: bool | str = "auto",
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, read_only: bool = False):
         self.path = Path(path)
         if self.path.is_dir():
             raise DataError(f"{self.path}: is a folder, expected a gallery database file")
-        self._recognizer = recognizer
+        self.read_only = bool(read_only)
+        if self.read_only and not self.path.is_file():
+            raise DataError(f"{self.path}: gallery not found (create it with `fromface enroll ... --db {self.path}`)")
         self.use_faiss = use_faiss
         self._lock = threading.RLock()
         self._cache: tuple | None = None
         self._seen_version: tuple[int, int] | None = None
         self._own_changes = 0
         self._faiss = None
+        self._recognizer = None
         try:
-            self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
-                                         check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._init_schema()
+            self._conn = self._connect(timeout)
+            if self.read_only:
+                self._check_schema()
+            else:
+                self._init_schema()
         except sqlite3.DatabaseError as exc:
             raise DataError(f"{self.path}: not a usable gallery database ({exc})") from None
+        if recognizer is not None:
+            self.recognizer = recognizer
 
     # ------------------------------------------------------------------ schema and transactions
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        """Read-only: ``mode=ro`` (``immutable=1`` where SQLite cannot make its shared-memory file, e.g. in a
+        read-only folder, so nothing can be writing). Read-write: refuse another application's SQLite file before
+        anything (even the WAL switch) is written to it."""
+        kw = {"timeout": timeout, "isolation_level": None, "check_same_thread": False}
+        if self.read_only:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, **kw)
+            try:
+                conn.execute("SELECT name FROM sqlite_master").fetchall()
+            except sqlite3.OperationalError:
+                conn.close()
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True, **kw)
+            return conn
+        conn = sqlite3.connect(str(self.path), **kw)
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and not _FROMFACE_TABLES <= tables:
+            conn.close()
+            raise DataError(f"{self.path}: an SQLite database of another application (tables "
+                            f"{', '.join(sorted(tables)[:5])}), not a fromface gallery; it was left untouched")
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise DataError(f"{self.path}: cannot open the gallery for writing ({exc}); is the file or its folder "
+                            "read-only?") from None
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _check_schema(self) -> None:
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not _FROMFACE_TABLES <= tables:
+            what = "an empty file" if not tables else "an SQLite database of another application"
+            raise DataError(f"{self.path}: {what}, not a fromface gallery")
+        row = self._conn.execute("SELECT version FROM schema_version").fetchone()
+        if row is None or row[0] not in READABLE_VERSIONS:
+            raise DataError(f"{self.path}: gallery schema version {row and row[0]}, this fromface reads "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}")
+
     def _init_schema(self) -> None:
         with self._write() as conn:
             for statement in filter(str.strip, _SCHEMA.split(";")):  # executescript would commit early
+                if "templates_digest" in statement:
+                    continue  # after the migration below, which adds the column to older galleries
                 conn.execute(statement)
             row = conn.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 conn.execute("INSERT INTO schema_version(version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] == 1:  # version 1 had no digest column
+                conn.execute("ALTER TABLE templates ADD COLUMN digest TEXT")
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise DataError(f"{self.path}: gallery schema version {row[0]}, this fromface reads {SCHEMA_VERSION}")
+            conn.execute("CREATE INDEX IF NOT EXISTS templates_digest ON templates(digest)")
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any error) under the thread lock: one writer at a
         time across processes, and a crash before COMMIT leaves nothing behind."""
+        if self.read_only:
+            raise DataError(f"{self.path}: opened read-only; nothing can be enrolled or removed")
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise DataError(f"{self.path}: cannot write to the gallery ({exc})") from None
             try:
                 yield self._conn
+            except sqlite3.OperationalError as exc:
+                self._conn.execute("ROLLBACK")
+                if "readonly" in str(exc) or "read-only" in str(exc):
+                    raise DataError(f"{self.path}: the gallery is read-only ({exc})") from None
+                raise
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
@@ -121,7 +244,11 @@ class Gallery:
             self._own_changes += 1
 
     def close(self) -> None:
+        """Close the file; a writer first folds the write-ahead log into it, so the ``.db`` alone holds everything."""
         with self._lock:
+            if not self.read_only:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
 
     def __enter__(self) -> Gallery:
@@ -133,77 +260,185 @@ class Gallery:
     # ------------------------------------------------------------------ recognizer
     @property
     def recognizer(self):
-        """The FaceRecognizer used to embed images (built on first use from the gallery's model)."""
+        """The FaceRecognizer used to embed images (built on first use from the gallery's registered model)."""
         if self._recognizer is None:
             from fromface.inference.recognizer import FaceRecognizer
 
-            meta = self.meta()
-            self._recognizer = FaceRecognizer(meta.get("source") or meta.get("model"))
+            self._recognizer = FaceRecognizer(self.model_spec())
         return self._recognizer
+
+    @recognizer.setter
+    def recognizer(self, recognizer: Any) -> None:
+        self.check_model(getattr(recognizer, "model_id", None), getattr(recognizer, "model_name", None))
+        self._recognizer = recognizer
 
     def meta(self) -> dict[str, str]:
         with self._lock:
             return dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+
+    def model_spec(self) -> str | None:
+        """The registered model (``name:tag``) this gallery was enrolled with, to build its recognizer; None for an
+        empty gallery. A gallery made with a checkpoint or ONNX file is refused: fromface never loads a model
+        because a database names it, the caller passes the file."""
+        meta = self.meta()
+        model_id = meta.get("model_id")
+        if model_id is None and "model" in meta:  # schema 1 galleries: the name, and the path of a model file
+            source = meta.get("source") or ""
+            model_id = meta["model"] if Path(source).suffix.lower() not in _MODEL_FILE_SUFFIXES else "file:"
+        if model_id is None:
+            return None
+        if model_id.startswith(("sha256:", "file:", "module:")):
+            source = meta.get("source") or "a model file"
+            raise ConfigError(f"{self.path}: gallery was enrolled with the model file {source} ({model_id}); "
+                              "fromface does not load a model a gallery names: pass that model yourself "
+                              "(--model PATH, or FaceRecognizer(PATH))")
+        return model_id
+
+    def check_model(self, model_id: str | None, model_name: str | None = None) -> None:
+        """Refuse a recognizer other than the one the gallery was enrolled with: its scores would rank the wrong
+        people (with a model of the same embedding size, silently)."""
+        meta = self.meta()
+        stored = meta.get("model_id")
+        if stored is not None and model_id is not None and stored != model_id:
+            raise ConfigError(f"{self.path}: gallery was enrolled with model {_describe(meta)}, not {model_id}; "
+                              "scores across models mean nothing: use that model, or enrol into another gallery")
+        if stored is None and model_name and meta.get("model") not in (None, model_name):  # schema 1 galleries
+            raise ConfigError(f"{self.path}: gallery was enrolled with model {meta['model']!r}, not {model_name!r}")
 
     def _check_model(self, conn: sqlite3.Connection, dim: int, model: str | None, source: str | None) -> None:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if "dim" in meta and int(meta["dim"]) != dim:
             raise ConfigError(f"{self.path}: gallery holds {meta['dim']}-d templates, got {dim}-d embeddings "
                               f"(model {model or '?'}); use a new gallery for another model")
-        if model and meta.get("model") not in (None, model):
-            raise ConfigError(f"{self.path}: gallery was enrolled with model {meta['model']!r}, not {model!r}")
+        if model and meta.get("model_id", model) != model:
+            raise ConfigError(f"{self.path}: gallery was enrolled with model {_describe(meta)}, not {model}; "
+                              "use that model, or enrol into another gallery")
         conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('dim', ?)", (str(dim),))
         if model:
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('model_id', ?)", (model,))
             conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('model', ?)", (model,))
         if source:
             conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('source', ?)", (source,))
 
     # ------------------------------------------------------------------ writing
-    def enroll(self, name: str, images: Any) -> int:
-        """Add the faces of ``images`` (one or several; the largest face of each) to identity ``name``.
+    def enroll(self, name: str, images: Any, mode: str = "new") -> Enrolment:
+        """Add the faces of ``images`` (one or several; the selected face of each) to identity ``name``.
 
-        All or nothing: every image is embedded before anything is written, and the rows go in one transaction.
-        Returns the number of templates added.
+        ``mode="new"`` (default) refuses a name that is already enrolled (a second person under that name would
+        silently merge with the first); ``mode="add"`` adds templates to it. An image already in the gallery (same
+        bytes) is skipped and reported, so re-running an enrolment adds nothing twice. All or nothing: every image
+        is embedded before anything is written, and the rows go in one transaction.
         """
+        from fromface.data.images import describe_source
+
+        _check_mode(mode)
+        name = check_name(name)
         if isinstance(images, (str, os.PathLike, bytes, bytearray, np.ndarray)) or not isinstance(images, Sequence):
             images = [images]
         if not images:
             raise DataError(f"enrolment of {name!r}: no images given")
-        faces = [found[0] for found in self.recognizer.embed(list(images))]
-        templates = [Template(f.embedding, f.occluded, f.pattern, f.visible_fraction, f.source) for f in faces]
-        return self.enroll_templates(name, templates, model=self.recognizer.model_name,
-                                     source=self.recognizer.model_source)
+        digests = [image_digest(img) for img in images]
+        todo, skipped = self._new_images([describe_source(img) for img in images], digests)
+        if not todo:
+            return Enrolment(name, 0, skipped, self.counts().get(name, 0))
+        self.refuse_existing(name, mode, len(todo))  # before the embedding work, and again when writing
+        faces = [found[0] for found in self.recognizer.embed([images[k] for k in todo])]
+        return self._store_faces(name, faces, [digests[k] for k in todo], skipped, mode)
+
+    def enroll_faces(self, name: str, faces: Sequence[Any], digests: Sequence[str | None] | None = None,
+                     mode: str = "new") -> Enrolment:
+        """Like :meth:`enroll` for faces this gallery's recognizer has already embedded (``FaceEmbedding``), with
+        the ``digests`` (:func:`image_digest`) of the images they came from."""
+        _check_mode(mode)
+        name = check_name(name)
+        digests = list(digests) if digests is not None else [None] * len(faces)
+        if not faces or len(digests) != len(faces):
+            raise DataError(f"enrolment of {name!r}: no faces given, or not one digest per face")
+        todo, skipped = self._new_images([f.source or "a face" for f in faces], digests)
+        return self._store_faces(name, [faces[k] for k in todo], [digests[k] for k in todo], skipped, mode)
+
+    def _store_faces(self, name: str, faces: Sequence[Any], digests: Sequence[str | None], skipped: list[str],
+                     mode: str) -> Enrolment:
+        added = 0
+        if faces:
+            templates = [Template(f.embedding, f.occluded, f.pattern, f.visible_fraction, f.source, digest)
+                         for f, digest in zip(faces, digests)]
+            added = self.enroll_templates(name, templates, model=self.recognizer.model_id,
+                                          source=self.recognizer.model_source, mode=mode)
+        return Enrolment(name, added, skipped, self.counts().get(name, 0))
+
+    def _new_images(self, labels: Sequence[str], digests: Sequence[str | None]) -> tuple[list[int], list[str]]:
+        """(indices of images not yet in the gallery nor earlier in the list, "label: reason" for the others)."""
+        known = self._digest_owners([d for d in digests if d])
+        todo, skipped, seen = [], [], {}
+        for k, (label, digest) in enumerate(zip(labels, digests)):
+            if digest and digest in known:
+                skipped.append(f"{label}: already enrolled as {known[digest]!r}")
+            elif digest and digest in seen:
+                skipped.append(f"{label}: same image as {seen[digest]}")
+            else:
+                if digest:
+                    seen[digest] = label
+                todo.append(k)
+        return todo, skipped
+
+    def _digest_owners(self, digests: Sequence[str]) -> dict[str, str]:
+        """{digest: identity name} for those of ``digests`` already enrolled."""
+        with self._lock:
+            out = {}
+            for start in range(0, len(digests), 500):
+                chunk = list(digests[start:start + 500])
+                marks = ",".join("?" * len(chunk))
+                out.update(self._conn.execute(f"SELECT t.digest, i.name FROM templates t JOIN identities i ON "
+                                              f"i.id = t.identity_id WHERE t.digest IN ({marks})", chunk).fetchall())
+            return out
+
+    def refuse_existing(self, name: str, mode: str, new: int, conn: sqlite3.Connection | None = None) -> None:
+        """In ``mode="new"``, :class:`AlreadyEnrolledError` if ``name`` is already enrolled (callers check before
+        embedding; the write checks again inside its transaction)."""
+        _check_mode(mode)
+        if mode == "add":
+            return
+        with self._lock:
+            row = (conn or self._conn).execute("SELECT (SELECT COUNT(*) FROM templates t WHERE t.identity_id = i.id) "
+                                               "FROM identities i WHERE i.name = ?", (name,)).fetchone()
+        if row is not None:
+            raise AlreadyEnrolledError(f"{name!r} is already enrolled ({row[0]} templates); to add these {new} "
+                                       "image(s) to that identity use mode='add', or choose another name for a "
+                                       "different person")
 
     def enroll_templates(self, name: str, templates: Sequence[Template], model: str | None = None,
-                         source: str | None = None) -> int:
-        """Store ready-made templates for ``name`` in one transaction (creating the identity if new). ``model``
-        (name) and ``source`` (name or checkpoint path that rebuilds it) are recorded by the first enrolment."""
-        return self.enroll_many({name: templates}, model, source)
+                         source: str | None = None, mode: str = "new") -> int:
+        """Store ready-made templates for ``name`` in one transaction (see :meth:`enroll_many`)."""
+        return self.enroll_many({name: templates}, model, source, mode)
 
     def enroll_many(self, people: Mapping[str, Sequence[Template]], model: str | None = None,
-                    source: str | None = None) -> int:
-        """Store templates of many identities in ONE transaction (bulk imports); returns the templates added."""
-        prepared = [(self._clean_name(name), self._prepare(name, templates)) for name, templates in people.items()]
+                    source: str | None = None, mode: str = "new") -> int:
+        """Store templates of many identities in ONE transaction (bulk imports); returns the templates added.
+
+        ``model`` is the recognizer's ``model_id`` and ``source`` a readable note of where it came from, both
+        recorded by the first enrolment (later ones must match). ``mode="new"`` refuses names already enrolled,
+        ``"add"`` extends them; templates whose ``digest`` is already in the gallery are left out."""
+        _check_mode(mode)
+        prepared = [(check_name(name), self._prepare(name, templates)) for name, templates in people.items()]
         dims = {emb.size for _, rows in prepared for emb, _ in rows}
         if len(dims) > 1:
             raise DataError(f"enrolment: templates of different sizes {sorted(dims)}")
         if not dims:
             raise DataError("enrolment: no identities given")
+        added = 0
         with self._write() as conn:
             self._check_model(conn, dims.pop(), model, source)
             for name, rows in prepared:
+                self.refuse_existing(name, mode, len(rows), conn)
                 conn.execute("INSERT OR IGNORE INTO identities(name, created) VALUES (?, ?)", (name, time.time()))
                 identity_id = conn.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()[0]
                 for emb, t in rows:
+                    if t.digest and conn.execute("SELECT 1 FROM templates WHERE digest = ?", (t.digest,)).fetchone():
+                        continue
                     self._insert_template(conn, identity_id, emb, t)
-        return sum(len(rows) for _, rows in prepared)
-
-    @staticmethod
-    def _clean_name(name: str) -> str:
-        name = str(name).strip()
-        if not name:
-            raise DataError("an identity needs a non-empty name")
-        return name
+                    added += 1
+        return added
 
     @staticmethod
     def _prepare(name: str, templates: Sequence[Template]) -> list[tuple[np.ndarray, Template]]:
@@ -224,9 +459,9 @@ class Gallery:
     def _insert_template(self, conn: sqlite3.Connection, identity_id: int, emb: np.ndarray, t: Template) -> None:
         occluded = None if t.occluded is None else int(bool(t.occluded))
         conn.execute("INSERT INTO templates(identity_id, embedding, dim, occluded, pattern, visible_fraction, source, "
-                     "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     "created, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      (identity_id, emb.astype("<f4").tobytes(), emb.size, occluded, t.pattern, t.visible_fraction,
-                      t.source, time.time()))
+                      t.source, time.time(), t.digest))
 
     def remove(self, name: str) -> int:
         """Delete an identity and its templates; returns the number of templates removed (0 if unknown)."""
@@ -284,7 +519,9 @@ class Gallery:
             return self._cache
 
     def search(self, embedding: np.ndarray, top_k: int = 5) -> list[Match]:
-        """Best template per identity for a unit embedding, ``top_k`` identities by descending cosine."""
+        """Best template per identity for a unit embedding, ``top_k`` (>= 1) identities by descending cosine."""
+        if int(top_k) < 1:
+            raise ConfigError(f"top_k must be at least 1, got {top_k}")
         mat, ids, names, owner, occluded = self.matrix()
         if len(mat) == 0:
             return []
@@ -295,7 +532,7 @@ class Gallery:
         scores = self._scores(mat, query)
         starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
         best = np.maximum.reduceat(scores, starts)
-        order = np.argsort(-best, kind="stable")[:max(int(top_k), 1)]
+        order = np.argsort(-best, kind="stable")[:int(top_k)]
         out = []
         for ident in order:
             lo = starts[ident]
@@ -329,14 +566,31 @@ class Gallery:
         the recognizer's threshold for that probe/template occlusion condition."""
         from fromface.inference.recognizer import FaceEmbedding
 
-        face = image if isinstance(image, FaceEmbedding) else self.recognizer.embed(image)[0]
+        recognizer = self.recognizer
+        self.check_model(getattr(recognizer, "model_id", None), getattr(recognizer, "model_name", None))
+        face = image if isinstance(image, FaceEmbedding) else recognizer.embed(image)[0]
         matches = self.search(face.embedding, top_k)
         for m in matches:
             known = face.occluded is not None or m.template_occluded is not None
             occluded = bool(face.occluded or m.template_occluded)
-            m.threshold, m.condition, _ = self.recognizer.condition_threshold(occluded, known)
+            m.threshold, m.condition, _ = recognizer.condition_threshold(occluded, known)
             m.same = m.score >= m.threshold
         return matches
 
 
-__all__ = ["Gallery", "Match", "Template"]
+_MODEL_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".onnx")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ENROL_MODES:
+        raise ConfigError(f"enrolment mode must be one of {', '.join(ENROL_MODES)}; got {mode!r}")
+
+
+def _describe(meta: dict[str, str]) -> str:
+    """The model a gallery was enrolled with, for messages: its id, and the file it came from when there was one."""
+    model_id = meta.get("model_id") or meta.get("model") or "?"
+    source = meta.get("source")
+    return f"{model_id} ({source})" if source and source != model_id else model_id
+
+
+__all__ = ["Enrolment", "Gallery", "Match", "Template", "check_name", "image_digest"]

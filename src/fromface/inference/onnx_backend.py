@@ -85,13 +85,24 @@ def export_onnx(model, path: str | os.PathLike, tag: str | None = None, threshol
     for key, value in model_metadata(model, tag, thresholds).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the name of the .onnx file to write")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write into {path.parent} ({exc.strerror or exc})") from None
     os.close(fd)
-    onnx.save(proto, tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-    os.replace(tmp, path)
+    try:
+        onnx.save(proto, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write the ONNX file ({exc.strerror or exc})") from None
+    finally:  # on every failure path, nothing is left behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 

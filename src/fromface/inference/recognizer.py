@@ -59,6 +59,7 @@ class FaceEmbedding:
     pattern_box: tuple[int, int, int, int] | None = None
     visible_fraction: float | None = None
     source: str = ""
+    faces_found: int = 1  # faces detected in the image; this one was chosen by the recognizer's ``select`` rule
 
     @property
     def occluded(self) -> bool | None:
@@ -73,7 +74,8 @@ class FaceEmbedding:
         out: dict[str, Any] = {
             "source": self.source, "box": [round(float(v), 2) for v in self.box],
             "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
-            "method": self.method, "detection_score": round(float(self.score), 4), "occluded": self.occluded,
+            "method": self.method, "detection_score": round(float(self.score), 4), "faces_found": self.faces_found,
+            "occluded": self.occluded,
             "pattern": self.pattern, "pattern_probability": _round(self.pattern_probability),
             "pattern_box": list(self.pattern_box) if self.pattern_box is not None else None,
             "visible_fraction": _round(self.visible_fraction),
@@ -127,6 +129,15 @@ def resolve_default_model() -> str:
         warnings.warn(f"{DEFAULT_MODEL} is not available; falling back to {FALLBACK_MODEL}, which is UNTRAINED: "
                       "its embeddings and verdicts are meaningless", UserWarning, stacklevel=3)
         return FALLBACK_MODEL
+
+
+def default_model_spec() -> str:
+    """What ``"default"`` names wherever a model is taken: the default model with its default tag (``name:tag``)."""
+    from fromface.models import get_spec
+
+    name = resolve_default_model()
+    tag = pick_tag(get_spec(name).pretrained, None, name)
+    return f"{name}:{tag}" if tag else name
 
 
 def pick_tag(pretrained: dict, tag: str | None, model: str) -> str | None:
@@ -192,12 +203,19 @@ class FaceRecognizer:
             raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}; got {select!r}")
         self.device, self.select, self.far, self.batch_size = device, select, far, int(batch_size)
         self.user_threshold = threshold
+        if model is None or (isinstance(model, str) and model == "default"):
+            model = default_model_spec()
         if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
             backend, onnx_path = "onnx", model
         self.backend = backend
-        # What rebuilds this model elsewhere (stored in galleries): a file's absolute path, else the model name.
-        self.model_source = str(Path(model).resolve()) if isinstance(model, (str, os.PathLike)) and \
-            Path(model).suffix in (".pt", ".pth", ".ckpt", ".onnx") else None
+        if backend == "onnx" and onnx_path is not None:
+            model_file = Path(onnx_path)
+        elif isinstance(model, (str, os.PathLike)) and Path(model).suffix in (".pt", ".pth", ".ckpt"):
+            model_file = Path(model)
+        else:
+            model_file = None
+        # Where the model came from (a note stored in galleries, never used to load anything).
+        self.model_source = str(model_file.resolve()) if model_file is not None else None
         if backend == "onnx" and onnx_path is not None:
             from fromface.inference.onnx_backend import OnnxFaceModel
 
@@ -212,6 +230,7 @@ class FaceRecognizer:
             self._onnx = None
         self.model_source = self.model_source or self.model_name
         self.tag, self.thresholds = self._pretrained_info(tag)
+        self.model_id = self._model_id(model_file)
         if backend == "onnx" and self._onnx is None:
             from fromface.inference.onnx_backend import OnnxFaceModel, cached_export
 
@@ -230,15 +249,13 @@ class FaceRecognizer:
 
         from fromface.models import create_model, get_spec
 
-        if model is None:
-            model = resolve_default_model()
         self._by_name = isinstance(model, str) and Path(model).suffix not in (".pt", ".pth", ".ckpt")
         if isinstance(model, torch.nn.Module):
             if not hasattr(model, "preprocess"):
                 raise ConfigError("a model passed as a module needs a .preprocess (build it with create_model)")
             net = model
         elif isinstance(model, (str, os.PathLike)) and Path(model).suffix in (".pt", ".pth", ".ckpt"):
-            from fromface.training.checkpoint import load_model
+            from fromface.models.checkpoint import load_model
 
             net = load_model(model)
         elif isinstance(model, str):
@@ -248,6 +265,19 @@ class FaceRecognizer:
         else:
             raise ConfigError(f"model must be a registered name, a checkpoint path or an nn.Module; got {model!r}")
         return net.to(self.device).eval()
+
+    def _model_id(self, model_file: Path | None) -> str:
+        """What a gallery records to refuse another model later: ``name:tag`` (or ``name``) for a registered model,
+        ``sha256:...`` of a checkpoint or ONNX file, ``module:name:digest`` of the weights otherwise (a built module,
+        or a registered model without pretrained weights, whose random weights differ every time)."""
+        from fromface.models.pretrained import sha256_of
+        from fromface.models.weights import state_digest
+
+        if model_file is not None:
+            return f"sha256:{sha256_of(model_file)}"
+        if self.tag and (self._by_name or getattr(self.torch_model, "pretrained_tag", None) == self.tag):
+            return f"{self.model_name}:{self.tag}"
+        return f"module:{self.model_name}:{state_digest(self.torch_model)}"
 
     def _pretrained_info(self, tag: str | None) -> tuple[str | None, dict]:
         """(tag, thresholds) of the model's pretrained tag: the one asked for, else the only/first one."""
@@ -296,6 +326,7 @@ class FaceRecognizer:
             chunk = flat[start:start + self.batch_size]
             for (i, face), emb in zip(chunk, self._embed_crops([f.crop for _, f in chunk])):
                 emb.box, emb.landmarks, emb.method, emb.score = face.box, face.landmarks, face.method, face.score
+                emb.faces_found = face.faces_found
                 emb.source = describe_source(batch[i])
                 results[i].append(emb)
         return results if _is_batch(images) else results[0]

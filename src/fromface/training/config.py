@@ -345,6 +345,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
         raise ConfigError(f"{path}: 'base' chain loops back to this file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if data is not None and not isinstance(data, dict):

@@ -68,7 +68,7 @@ def run_info(rt, resume: str | None) -> dict:
 
     from fromface import __version__
 
-    return {"command": sys.argv, "resume": resume, "fromface": __version__, "torch": torch.__version__,
+    return {"command": list(sys.argv), "resume": resume, "fromface": __version__, "torch": str(torch.__version__),
             "python": platform.python_version(), "world_size": rt.world_size, "backend": rt.backend,
             "device": str(rt.device), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

@@ -1,0 +1,37 @@
+"""``fromface remove NAME --db gallery.db``: delete identities and their templates from a gallery."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("remove", help="delete enrolled identities from a gallery",
+                       description="Delete each NAME and all its templates from the gallery, in one transaction per "
+                       "name. Exit status 1 when a name was not enrolled.")
+    p.add_argument("names", nargs="+", metavar="NAME", help="identity to delete (as `fromface enroll` stored it)")
+    p.add_argument("--db", required=True, help="gallery database")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fromface.errors import DataError
+    from fromface.inference.gallery import Gallery
+
+    if not Path(args.db).is_file():
+        raise DataError(f"{args.db}: gallery not found")
+    missing = 0
+    with Gallery(args.db) as gallery:
+        for name in args.names:
+            if name.strip() not in gallery.names():
+                missing += 1
+                print(f"{name}: not enrolled in {args.db}", file=sys.stderr)
+                continue
+            removed = gallery.remove(name.strip())
+            print(f"removed {name}: {removed} template{'s' * (removed != 1)}")
+        total, count = len(gallery), len(gallery.names())
+    print(f"{args.db}: {count} identities, {total} templates")
+    return 1 if missing else 0
