@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.folder)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
-    output = Path(args.output if args.output.endswith(".npz") else args.output + ".npz")  # what numpy writes
+    output = Path(args.output)
+    if not output.is_dir() and output.suffix != ".npz":
+        output = output.with_name(output.name + ".npz")  # what numpy would write
     check_output_file(output, force=args.force)
     files, passed = scan_images(root, recursive=True)
     if not files:

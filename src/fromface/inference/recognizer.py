@@ -56,6 +56,7 @@ class FaceEmbedding:
     heatmap: np.ndarray | None = None
     pattern: int | None = None
     pattern_probability: float | None = None
+    occlusion_probability: float | None = None  # 1 - the predicted probability of pattern 0 (no occlusion)
     pattern_box: tuple[int, int, int, int] | None = None
     visible_fraction: float | None = None
     source: str = ""
@@ -77,6 +78,7 @@ class FaceEmbedding:
             "method": self.method, "detection_score": round(float(self.score), 4), "faces_found": self.faces_found,
             "occluded": self.occluded,
             "pattern": self.pattern, "pattern_probability": _round(self.pattern_probability),
+            "occlusion_probability": _round(self.occlusion_probability),
             "pattern_box": list(self.pattern_box) if self.pattern_box is not None else None,
             "visible_fraction": _round(self.visible_fraction),
             "heatmap": None if self.heatmap is None else np.round(self.heatmap, 3).tolist(),
@@ -366,6 +368,7 @@ class FaceRecognizer:
         idx = int(prob.argmax())
         top, left, bottom, right = (int(v) for v in self._vocab.boxes[idx])
         fe.pattern, fe.pattern_probability = idx, float(prob[idx])
+        fe.occlusion_probability = float(1.0 - prob[0])
         fe.pattern_box = (top, left, bottom, right)
         fe.visible_fraction = 1.0 - (bottom - top) * (right - left) / float(h * w)
 
