@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             lambda f: f.occlusion_probability >= 0.5 and f.pattern != 0 and f.pattern_probability >= 0.1,
         "P(occluded) >= 0.7": lambda f: f.occlusion_probability >= 0.7,
         "P(occluded) >= 0.9": lambda f: f.occlusion_probability >= 0.9,
-        "this fromface (FaceEmbedding.occluded)": lambda f: bool(f.occluded),
+        "argmax pattern != 0 with p >= 0.03": lambda f: f.pattern != 0 and f.pattern_probability >= 0.03,
+        "argmax pattern != 0 with p >= 0.05": lambda f: f.pattern != 0 and f.pattern_probability >= 0.05,
+        "fromface's rule (FaceEmbedding.occluded)": lambda f: bool(f.occluded),
     }
     print(f"Faces called occluded by {rec.model_id}, {len(rows)} LFW photos of {args.set} (the first image of "
           "each pair is the clean source of its occluded copy)\n")

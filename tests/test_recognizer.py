@@ -113,7 +113,7 @@ def test_verify_uses_calibrated_threshold_per_condition(recognizer, monkeypatch)
     b.pattern, b.visible_fraction = 0, 1.0
     clean = recognizer.verify(a, b)
     assert (clean.condition, clean.threshold) == ("clean", 0.41) and clean.reason.startswith("calibrated (unit")
-    b.pattern, b.visible_fraction = 12, 0.6
+    b.pattern, b.visible_fraction, b.pattern_probability = 12, 0.6, 0.9
     occ = recognizer.verify(a, b)
     assert (occ.condition, occ.threshold) == ("occluded", 0.27)
     assert occ.same == (occ.score >= 0.27)
@@ -243,14 +243,18 @@ def test_pretrained_tag_weights_default_and_thresholds(tmp_path, monkeypatch):
 def test_occluded_flag():
     from fromface.inference.recognizer import FaceEmbedding
 
-    def face(pattern, visible):
+    def face(pattern, visible, probability=None):
         return FaceEmbedding(np.ones(4, np.float32), np.zeros(4), np.zeros((5, 2)), "detected", 1.0,
-                             np.zeros((112, 112, 3), np.uint8), pattern=pattern, visible_fraction=visible)
+                             np.zeros((112, 112, 3), np.uint8), pattern=pattern, visible_fraction=visible,
+                             pattern_probability=probability)
 
     assert face(None, None).occluded is None
     assert face(0, 1.0).occluded is False
     assert face(5, 0.95).occluded is True
     assert face(0, 0.0).occluded is True  # a fully hidden face, even if the pattern head said clean
+    # The switch needs a confident prediction: a grayscale photo's 2%-probability pattern is not an occlusion.
+    assert face(5, 0.6, probability=0.02).occluded is False
+    assert face(5, 0.6, probability=0.049).occluded is False and face(5, 0.6, probability=0.05).occluded is True
 
 
 @pytest.mark.data
