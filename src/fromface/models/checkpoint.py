@@ -32,6 +32,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         lines = [line.strip() for line in str(exc).splitlines()]
         why = next((line for line in lines if "Unsupported" in line or "Unpickler error" in line), lines[0] if lines
                    else type(exc).__name__)
+        why = why.split(" was not an allowed global")[0]  # not torch's advice on how to load it anyway
         raise ConfigError(f"{path}: refused: the file holds more than tensors and plain values, and fromface "
                           f"never runs code from a checkpoint ({why[:200]})") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
