@@ -566,8 +566,7 @@ class Gallery:
         the recognizer's threshold for that probe/template occlusion condition."""
         from fromface.inference.recognizer import FaceEmbedding
 
-        recognizer = self.recognizer
-        self.check_model(getattr(recognizer, "model_id", None), getattr(recognizer, "model_name", None))
+        recognizer = self.recognizer  # checked against the gallery's model when it was set or built
         face = image if isinstance(image, FaceEmbedding) else recognizer.embed(image)[0]
         matches = self.search(face.embedding, top_k)
         for m in matches:
