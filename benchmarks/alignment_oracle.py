@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from fromface import FaceRecognizer
     from fromface.data.images import load_image
     from fromface.evaluation.metrics import tar_at_far, verification_metrics
-    from fromface.inference.alignment import warp_face
+    from fromface.faces.alignment import warp_face
 
     sources = {r["output"]: r["source"] for r in csv.DictReader((args.set / "manifest.csv").open(encoding="utf-8"))}
     rows = [line.rstrip("\n").split("\t") for line in (args.set / "pairs.tsv").open(encoding="utf-8")]

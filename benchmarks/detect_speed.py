@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from fromface.data.images import load_image
-    from fromface.inference import FaceAligner
+    from fromface.faces import FaceAligner
 
     paths = sorted(args.images.rglob("*.jpg"))[: args.n] if args.images.is_dir() else []
     if not paths:

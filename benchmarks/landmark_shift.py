@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from fromface.data.images import load_image
-    from fromface.inference.faces import FaceAligner
+    from fromface.faces.aligner import FaceAligner
 
     by_category: dict[str, list[dict]] = defaultdict(list)
     for row in csv.DictReader(manifest.open(encoding="utf-8")):

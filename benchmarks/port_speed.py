@@ -36,14 +36,13 @@ def torch_runner(name: str, crops: np.ndarray) -> Callable[[], object]:
     import torch
 
     from fromface.models import create_model
-    from fromface.models.weights import crops_to_tensor
 
     model = create_model(name).eval()
     pre = model.preprocess
 
     def run():
         with torch.inference_mode():
-            return model(crops_to_tensor(crops, pre.mean, pre.std, pre.channel_order)).embedding
+            return model(torch.from_numpy(pre.to_input(crops))).embedding
 
     return run
 

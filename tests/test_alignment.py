@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fromface.errors import ConfigError
-from fromface.inference.alignment import (
+from fromface.faces.alignment import (
     TEMPLATES,
     AlignmentTemplate,
     context_geometry,

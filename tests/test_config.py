@@ -110,6 +110,37 @@ def test_base_configs_merge_section_by_section(tmp_path):
     (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_config(tmp_path / "orphan.yaml")
-    ablation = load_config(CONFIGS / "default" / "ablations" / "no_mask.yaml")
+    ablation = load_config(CONFIGS / "experiments" / "ablations" / "no_mask.yaml")
     assert ablation.model.kwargs["use_mask"] is False and ablation.model.kwargs["mask_stage"] == 1
     assert ablation.data.feature_cache_variants == 4 and ablation.schedule.epochs == 2
+
+
+def test_shipped_config_is_flat_and_is_what_trained_the_shipped_tag():
+    import dataclasses
+    import json
+
+    import yaml
+
+    from fromface.models.pretrained import HERE
+
+    for meta in sorted(HERE.glob("*.json")):
+        info = json.loads(meta.read_text())
+        path = CONFIGS / f"{info['model']}.{info['tag']}.yaml"  # one file per shipped tag, named for it
+        assert "base" not in yaml.safe_load(path.read_text()), f"{path} must be flat"
+        config = dataclasses.asdict(load_config(path))
+        trained = info["trained_with"]["config"]
+        assert {k for k in config if config[k] != trained[k]} == {"name", "output_dir"}
+
+
+def test_configs_load_within_two_levels_of_base():
+    import yaml
+
+    def depth(path: Path) -> int:
+        base = yaml.safe_load(path.read_text()).get("base")
+        return 0 if base is None else 1 + depth(path.parent / base)
+
+    files = sorted(CONFIGS.rglob("*.yaml"))
+    assert len(files) > 10
+    for path in files:
+        load_config(path)
+        assert depth(path) <= 2, path

@@ -18,9 +18,9 @@ from PIL import Image
 from fromface.cli.main import main
 from fromface.data.images import load_image
 from fromface.errors import ImageError, NoFaceError
-from fromface.inference import TEMPLATES, Detection, FaceAligner, FaceDetector, YuNetDetector, yunet_model_path
-from fromface.inference.alignment import warp_face
-from fromface.inference.faces import FALLBACK_BOX, estimate_fallback_box, fallback_landmarks
+from fromface.faces import TEMPLATES, Detection, FaceAligner, FaceDetector, YuNetDetector, yunet_model_path
+from fromface.faces.aligner import FALLBACK_BOX, estimate_fallback_box, fallback_landmarks
+from fromface.faces.alignment import warp_face
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "images"
 needs_lfw = pytest.mark.skipif(not LFW.is_dir(), reason="../shared/data/lfw not present")
@@ -311,7 +311,7 @@ def test_align_cli_bad_source(tmp_path, capsys):
 
 
 def test_non_finite_yunet_rows_are_not_faces():
-    from fromface.inference.detection import _parse_yunet
+    from fromface.faces.detection import _parse_yunet
 
     good = np.array([10, 20, 30, 40, 15, 30, 30, 30, 22, 38, 17, 50, 28, 50, 0.9], dtype=np.float32)
     broken = good.copy()

@@ -21,9 +21,9 @@ from fromface.evaluation.identification import (
     scan_identities,
     split_gallery_probe,
 )
-from fromface.evaluation.peers import choose_box
 from fromface.evaluation.runner import embed_images, pair_scores
 from fromface.evaluation.verification import evaluate_pairs, read_manifest
+from fromface.faces.aligner import choose_face
 
 COLOURS = {"ann": (200, 40, 40), "bob": (40, 200, 40), "cid": (40, 40, 200)}
 
@@ -165,8 +165,8 @@ def test_split_and_trees(tree, tmp_path):
 
 def test_choose_box_central_and_largest():
     boxes = [(0, 0, 60, 60), (40, 40, 60, 60)]
-    assert choose_box(boxes, 100, 100, "central") == 1
-    assert choose_box(boxes, 100, 100, "largest") == 0
+    assert choose_face(boxes, 100, 100, "central") == 1
+    assert choose_face(boxes, 100, 100, "largest") == 0
 
 
 def test_load_embedder_errors(tmp_path):
@@ -332,7 +332,7 @@ def test_registry_cache_key_follows_weights_not_tags():
 
     torch.manual_seed(0)
     key1 = load_embedder("mobilefacenet").cache_key
-    register_pretrained("mobilefacenet", "test_only_tag", file="x")
+    register_pretrained("mobilefacenet", "test_only_tag", description="a tag with no weights file")
     try:
         torch.manual_seed(0)
         key2 = load_embedder("mobilefacenet").cache_key

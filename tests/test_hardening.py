@@ -515,7 +515,8 @@ def test_config_and_cli_wording(tmp_path, capsys):
 
 def test_default_names_the_default_model(capsys):
     from fromface.evaluation.embedders import load_embedder
-    from fromface.inference.recognizer import FaceRecognizer, default_model_spec
+    from fromface.inference.face_model import default_model_spec
+    from fromface.inference.recognizer import FaceRecognizer
 
     spec = default_model_spec()
     rec = FaceRecognizer("default")

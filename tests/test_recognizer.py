@@ -99,14 +99,16 @@ def test_verify_uncalibrated_and_identical(recognizer):
 
 
 def test_verify_uses_calibrated_threshold_per_condition(recognizer, monkeypatch):
+    from fromface.inference.recognizer import FaceRecognizer
     from fromface.models import get_spec
 
     spec = get_spec("from_mobilefacenet")
     monkeypatch.setattr(spec, "pretrained", {"unit": {"thresholds": {
-        "clean": {"far1e-3": 0.41, "far1e-2": 0.3}, "occluded/far1e-3": 0.27}}})
-    tag, thresholds = recognizer._pretrained_info(None)
-    monkeypatch.setattr(recognizer, "tag", tag)
-    monkeypatch.setattr(recognizer, "thresholds", thresholds)
+        "clean": {"far1e-3": 0.41, "far1e-2": 0.3}, "occluded": {"far1e-3": 0.27}}}})
+    reloaded = FaceRecognizer("from_mobilefacenet", fallback=True, detector=NoDetector())
+    assert (reloaded.tag, reloaded.thresholds["occluded"]) == ("unit", {"far1e-3": 0.27})
+    monkeypatch.setattr(recognizer, "tag", reloaded.tag)
+    monkeypatch.setattr(recognizer, "thresholds", reloaded.thresholds)
     a, b = recognizer.embed([photo(8), photo(9)])
     a, b = a[0], b[0]
     a.pattern, a.visible_fraction = 0, 1.0
@@ -121,13 +123,15 @@ def test_verify_uses_calibrated_threshold_per_condition(recognizer, monkeypatch)
     assert recognizer.verify(a, a).threshold == 0.3
 
 
-def test_lookup_threshold_formats():
-    from fromface.inference.recognizer import lookup_threshold
+def test_thresholds_have_one_schema():
+    from fromface.errors import ConfigError
+    from fromface.inference.face_model import checked_thresholds
 
-    assert lookup_threshold({"clean_far1e-3": 0.5}, "clean", "far1e-3") == 0.5
-    assert lookup_threshold({"occluded": {"far1e-2": 0.2}}, "occluded", "far1e-2") == 0.2
-    assert lookup_threshold({"clean": {"far1e-2": 0.2}}, "occluded", "far1e-2") is None
-    assert lookup_threshold({}, "clean", "far1e-3") is None
+    assert checked_thresholds({"occluded": {"far1e-2": 0.2}}, "t") == {"occluded": {"far1e-2": 0.2}}
+    assert checked_thresholds(None, "t") == {}
+    for flat in ({"clean_far1e-3": 0.5}, {"clean/far1e-3": 0.5}, {"clean": {"far1e-3": "high"}}):
+        with pytest.raises(ConfigError, match="^tag x: thresholds must be"):
+            checked_thresholds(flat, "tag x")
 
 
 def test_user_threshold_and_plain_model():
@@ -169,17 +173,21 @@ def test_bad_arguments():
 def test_default_model_resolves():
     import warnings
 
-    from fromface.inference.recognizer import DEFAULT_MODEL, FALLBACK_MODEL, resolve_default_model
-    from fromface.models import list_models
+    from fromface.inference.face_model import PLAIN_TRUNK_MODEL, default_model_name
+    from fromface.models import get_spec
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        name = resolve_default_model()
-    assert name in list_models()
-    if name == FALLBACK_MODEL:  # the pretrained port is missing: the user must be told loudly
-        assert any("UNTRAINED" in str(w.message) for w in caught)
-    else:  # the shipped FROM tag marked default takes over from DEFAULT_MODEL (the plain SFace port)
-        assert name in ("from_sface_net", DEFAULT_MODEL) and not caught
+        name = default_model_name()
+    assert name == "from_sface_net" and not caught  # the shipped tag marked default
+    spec = get_spec("from_sface_net")
+    saved = spec.pretrained
+    try:
+        spec.pretrained = {}  # a stripped install: the plain SFace port, said out loud
+        with pytest.warns(UserWarning, match="no shipped model is marked default"):
+            assert default_model_name() == PLAIN_TRUNK_MODEL
+    finally:
+        spec.pretrained = saved
 
 
 @pytest.mark.data
@@ -215,7 +223,8 @@ def test_pretrained_tag_weights_default_and_thresholds(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     from fromface.errors import ConfigError
-    from fromface.inference.recognizer import FaceRecognizer, resolve_default_model
+    from fromface.inference.face_model import default_model_name
+    from fromface.inference.recognizer import FaceRecognizer
     from fromface.models import create_model, get_spec
 
     torch.manual_seed(1)
@@ -227,7 +236,7 @@ def test_pretrained_tag_weights_default_and_thresholds(tmp_path, monkeypatch):
     info = {"file": str(weights), "default": True, "thresholds": {"clean": {"far1e-3": 0.5}}}
     monkeypatch.setattr(get_spec("mobilefacenet"), "pretrained", {"v1": info})
     monkeypatch.setattr(get_spec("from_sface_net"), "pretrained", {})  # the shipped default steps aside
-    assert resolve_default_model() == "mobilefacenet"  # a tag marked default takes over
+    assert default_model_name() == "mobilefacenet"  # a tag marked default takes over
     by_name = FaceRecognizer(fallback=True, detector=NoDetector())
     assert by_name.model_name == "mobilefacenet" and by_name.tag == "v1"
     from_ckpt = FaceRecognizer(str(tmp_path / "w.pt"), fallback=True, detector=NoDetector())

@@ -610,7 +610,7 @@ class _FixedDetector:
         self.landmarks = landmarks
 
     def detect(self, image_rgb, score_threshold=None):
-        from fromface.inference.detection import Detection
+        from fromface.faces.detection import Detection
 
         if self.landmarks is None:
             return []
@@ -621,7 +621,7 @@ class _FixedDetector:
 @pytest.mark.skipif(not (SHARED / "celeba299").is_dir() or not (SHARED / "occluders").is_dir(),
                     reason="needs ../shared/data")
 def test_context_pack_and_realigned_occlusion(tmp_path):
-    from fromface.inference.faces import FaceAligner
+    from fromface.faces.aligner import FaceAligner
     from fromface.training.data import RealigningOccluder, SynthesizerOccluder
 
     register_tiny112()
@@ -697,8 +697,8 @@ def test_context_pack_and_realigned_occlusion(tmp_path):
 
 def test_align_head_starts_at_zero_and_matches_the_refine_path():
     register_tiny112()
-    from fromface.inference.faces import model_refiner
     from fromface.models import create_model
+    from fromface.models.from_net import model_refiner
 
     model = create_model(f"from_{TINY112}", grid=3, align_head=True).eval()
     x = torch.randn(2, 3, 112, 112)
@@ -710,9 +710,7 @@ def test_align_head_starts_at_zero_and_matches_the_refine_path():
         assert torch.allclose(model.predict_landmark_shift(x), out.landmark_shift)
     crop = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)
     refine = model_refiner(model, model.preprocess)
-    from fromface.inference.recognizer import crops_to_input
-
     with torch.no_grad():
-        want = model(torch.from_numpy(crops_to_input(crop[None], model.preprocess))).landmark_shift[0].numpy()
+        want = model(torch.from_numpy(model.preprocess.to_input(crop))).landmark_shift[0].numpy()
     assert np.allclose(refine(crop), want, atol=1e-6)
     assert model_refiner(create_model(f"from_{TINY112}", grid=3), model.preprocess) is None

@@ -77,7 +77,7 @@ def mapped_landmarks(image: np.ndarray, hog, predictor, detector, upsample: int)
 
 def check_template(template: np.ndarray, samples: list, recognizer) -> np.ndarray:
     """Cosine between dlib's descriptor of its own chip and of our chip (YuNet landmarks -> template)."""
-    from fromface.inference.alignment import AlignmentTemplate, warp_face
+    from fromface.faces.alignment import AlignmentTemplate, warp_face
 
     tmpl = AlignmentTemplate("dlib150-candidate", (SIZE, SIZE), template)
     cos = []
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import dlib
 
     from fromface.data.images import load_image
-    from fromface.inference.detection import YuNetDetector
+    from fromface.faces.detection import YuNetDetector
     from fromface.models.weights import package_file
 
     hog = dlib.get_frontal_face_detector()

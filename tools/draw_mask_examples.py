@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 
 from fromface.data.images import load_image
-from fromface.inference.faces import FaceAligner, model_refiner
+from fromface.faces.aligner import FaceAligner
 from fromface.models import create_model
+from fromface.models.from_net import model_refiner
 from fromface.occlusion.patterns import pattern_boxes
 from fromface.training.data import SynthesizerOccluder, to_tensor
 

@@ -21,7 +21,7 @@ from PIL import Image
 from fromface.cli.occlude import _work_list
 from fromface.data.images import load_image
 from fromface.data.pairs import read_pairs
-from fromface.inference.faces import FaceAligner, fallback_landmarks
+from fromface.faces.aligner import FaceAligner, fallback_landmarks
 from fromface.occlusion.occluders import OccluderLibrary
 from fromface.occlusion.synth import Synthesizer, rng_for
 

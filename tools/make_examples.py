@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from fromface.data.images import load_image
-from fromface.inference.faces import FaceAligner
+from fromface.faces.aligner import FaceAligner
 from fromface.occlusion import OccluderLibrary, Synthesizer, rng_for
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fromface.inference.alignment import get_template
+from fromface.faces.alignment import get_template
 from fromface.models import create_model
 from fromface.occlusion import OccluderLibrary, Synthesizer, rng_for
 from fromface.training.data import to_tensor

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from fromface.models.pretrained import HERE, sha256_of
+from fromface.data.files import file_sha256
+from fromface.models.pretrained import HERE
 from fromface.training.checkpoint import load_model, read_checkpoint
 from fromface.training.config import config_from_dict
 from fromface.training.data import PlainFaces, split_by_identity
@@ -112,7 +113,7 @@ def main() -> None:
     save_file(trained, str(weights))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {
-        "model": ckpt["model_name"], "tag": args.tag, "file": weights.name, "sha256": sha256_of(weights),
+        "model": ckpt["model_name"], "tag": args.tag, "file": weights.name, "sha256": file_sha256(weights),
         "kwargs": ckpt.get("model_kwargs") or {}, "default": bool(args.default),
         "description": args.description,
         "licence": args.licence,

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from fromface.errors import DataError
-    from fromface.inference.faces import FaceAligner
+    from fromface.faces.aligner import FaceAligner
 
     src, dst = args.src, args.dst
     if not src.is_dir():

@@ -83,7 +83,7 @@ def _work_list(pairs, both: bool) -> list[Path]:
 
 def _face_for(aligner, image):
     """(box, landmarks, how) of the central face, or the documented centre box when none is found."""
-    from fromface.inference.faces import fallback_landmarks
+    from fromface.faces.aligner import fallback_landmarks
 
     h, w = image.shape[:2]
     if aligner is not None:
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     _prepare_out(out, args.force)
     aligner = None
     if args.detector == "yunet":
-        from fromface.inference.faces import FaceAligner
+        from fromface.faces.aligner import FaceAligner
 
         aligner = FaceAligner("arcface112", select="central")
     mapping, rows, start = {}, [], time.perf_counter()

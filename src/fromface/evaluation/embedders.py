@@ -1,108 +1,59 @@
-"""What the evaluation runner embeds with: one interface over our models, trainer checkpoints and peers.
-
-An :class:`Embedder` turns loaded RGB images into embeddings, each with the method that found the face
-(``detected`` / ``retry`` / ``fallback``, or ``failed`` when its pipeline gives up). Its ``cache_key`` names
-everything that changes the numbers (weights, preprocessing, face choice, flip), so cached embeddings are
-never reused across settings.
+"""Resolve ``--model`` into an :class:`~fromface.evaluation.embedding.Embedder`: a peer by name, or one of our
+models (registered name, ``name:tag``, trainer checkpoint or exported ONNX file) loaded exactly as
+:class:`~fromface.FaceRecognizer` loads it, behind our aligner.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fromface.errors import ConfigError
+from fromface.data.files import file_sha256
+from fromface.errors import ConfigError, NoFaceError
+from fromface.evaluation.embedding import Embedder, EmbedResult
+from fromface.evaluation.peers import make_peer
+from fromface.faces.aligner import FaceAligner
+from fromface.inference.face_model import FaceModel, load_face_model
+from fromface.models.from_net import model_refiner
+from fromface.models.weights import state_digest
 
 PEER_NAMES = ("sface", "face_recognition")
 
 
-@dataclass
-class EmbedResult:
-    """One image's embedding (None when the pipeline found no face) and how its face was found."""
-
-    embedding: np.ndarray | None
-    method: str
-
-
-@dataclass
-class Embedder:
-    """Base class: subclasses set the fields and implement :meth:`embed_batch`."""
-
-    name: str
-    source: str
-    metric: str = "cosine"  # "cosine" or "euclidean" (scored as minus the distance)
-    batch_size: int = 1
-    info: dict = field(default_factory=dict)
-    factory: tuple[str, dict] | None = None  # (spec, options) that rebuild it in a worker process
-
-    @property
-    def cache_key(self) -> str:
-        return "|".join(f"{k}={self.info[k]}" for k in sorted(self.info)) + f"|metric={self.metric}"
-
-    def embed_batch(self, images: list[np.ndarray]) -> list[EmbedResult]:
-        raise NotImplementedError
-
-
 def _file_identity(path: Path) -> str:
-    st = path.stat()
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"{path.resolve()}:{st.st_size}:{digest.hexdigest()[:16]}"
-
-
-def _to_batch(crops: list[np.ndarray], preprocess) -> np.ndarray:
-    """Aligned uint8 RGB crops -> normalised float32 N x 3 x H x W, as the model's Preprocess says."""
-    import cv2
-
-    h, w = preprocess.size
-    batch = np.empty((len(crops), h, w, 3), dtype=np.float32)
-    for i, crop in enumerate(crops):
-        if crop.shape[:2] != (h, w):
-            crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
-        batch[i] = crop
-    if preprocess.channel_order.upper() == "BGR":
-        batch = batch[..., ::-1]
-    batch = batch / 255.0
-    batch = (batch - np.asarray(preprocess.mean, np.float32)) / np.asarray(preprocess.std, np.float32)
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+    """A model file in a cache key: its path, size and content (a file replaced in place is noticed)."""
+    return f"{path.resolve()}:{path.stat().st_size}:{file_sha256(path)[:16]}"
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-class AlignedEmbedder(Embedder):
-    """A fromface network: our aligner (YuNet, retry, optional centre fallback) + the model's own preprocessing.
+class ModelEmbedder(Embedder):
+    """A fromface network (torch or ONNX): our aligner (YuNet, retry, optional centre fallback, the align head's
+    re-crop when the model has one) and the model's own preprocessing."""
 
-    Subclasses implement :meth:`forward` (normalised N x 3 x H x W float32 -> N x D embeddings).
-    """
-
-    def __init__(self, preprocess, model_name: str, name: str, source: str, weights_id: str,
-                 select: str = "central", fallback: bool = True, flip: bool = False, batch_size: int = 16,
-                 kind: str = "fromface"):
-        from fromface.inference.faces import FaceAligner
-
-        super().__init__(name=name, source=source, batch_size=batch_size)
-        self.preprocess = preprocess
-        self.flip = flip
-        self.aligner = FaceAligner(preprocess.template, select=select, fallback=fallback)
+    def __init__(self, model: FaceModel, name: str, weights_id: str, select: str = "central",
+                 fallback: bool = True, flip: bool = False, batch_size: int = 16, refine: bool = True):
+        super().__init__(name=name, source=model.source, batch_size=batch_size)
+        self.model, self.preprocess, self.flip = model, model.preprocess, flip
+        refiner = model_refiner(model.torch_model, model.preprocess) if refine and model.torch_model is not None \
+            else None
+        self.aligner = FaceAligner(model.preprocess.template, select=select, fallback=fallback, refine=refiner)
         det = self.aligner.detector
-        self.info = {"kind": kind, "model": model_name, "weights": weights_id, "preprocess": repr(preprocess),
+        kind = "fromface-onnx" if model.onnx is not None else "fromface"
+        self.info = {"kind": kind, "model": model.name, "weights": weights_id, "preprocess": repr(model.preprocess),
                      "select": select, "fallback": fallback, "flip": flip,
                      "detector": f"{type(det).__name__}({getattr(det, 'score_threshold', '?')})"}
+        if refiner is not None:  # only then, so the cache keys of models without an align head stay as they were
+            self.info["refine"] = True
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        return np.asarray(self.model.forward(batch)[0], dtype=np.float32)
 
     def embed_batch(self, images: list[np.ndarray]) -> list[EmbedResult]:
-        from fromface.errors import NoFaceError
-
         crops, methods = [], []
         for image in images:
             try:
@@ -114,49 +65,13 @@ class AlignedEmbedder(Embedder):
             methods.append(face.method)
         vectors: list[np.ndarray] = []
         if crops:
-            x = _to_batch(crops, self.preprocess)
+            x = self.preprocess.to_input(crops)
             emb = _unit(self.forward(x))
             if self.flip:  # flip fusion: sum of the unit embeddings of the crop and its mirror
                 emb = _unit(emb + _unit(self.forward(np.ascontiguousarray(x[..., ::-1]))))
             vectors = list(emb.astype(np.float32))
         it = iter(vectors)
         return [EmbedResult(None if m == "failed" else next(it), m) for m in methods]
-
-
-class TorchEmbedder(AlignedEmbedder):
-    """A PyTorch fromface model (registry name or trainer checkpoint)."""
-
-    def __init__(self, model, name: str, source: str, weights_id: str, refine: bool = True, **kw):
-        from fromface.inference.faces import model_refiner
-
-        self.model = model.eval()
-        super().__init__(model.preprocess, getattr(model, "model_name", name), name, source, weights_id, **kw)
-        if refine:  # FROM's align head re-crops the face
-            self.aligner.refine = model_refiner(self.model, self.preprocess)
-        if self.aligner.refine is not None:  # (only then: older cache keys stay valid)
-            self.info["refine"] = True
-
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            out = self.model(torch.from_numpy(batch))
-        emb = out.embedding if hasattr(out, "embedding") else out
-        return emb.float().cpu().numpy()
-
-
-class OnnxEmbedder(AlignedEmbedder):
-    """A model exported by ``fromface export`` (preprocessing read from the file's metadata), via onnxruntime."""
-
-    def __init__(self, path: Path, **kw):
-        from fromface.inference.onnx_backend import OnnxFaceModel
-
-        self.model = OnnxFaceModel(path)
-        super().__init__(self.model.preprocess, self.model.model_name, path.stem, str(path), _file_identity(path),
-                         kind="fromface-onnx", **kw)
-
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model(batch)[0], dtype=np.float32)
 
 
 def load_embedder(spec: str, select: str = "central", fallback: bool = True, flip: bool = False,
@@ -173,32 +88,15 @@ def load_embedder(spec: str, select: str = "central", fallback: bool = True, fli
 def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int, refine: bool) -> Embedder:
     peer = spec.removeprefix("peer:")
     if peer in PEER_NAMES:
-        from fromface.evaluation.peers import make_peer
-
         return make_peer(peer, select=select, flip=flip)
+    options = {"select": select, "fallback": fallback, "flip": flip, "batch_size": batch_size}
     path = Path(os.path.expanduser(spec))
-    if path.suffix.lower() in (".pt", ".pth", ".ckpt"):
+    if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".onnx"):
         if not path.is_file():
-            raise ConfigError(f"{path}: checkpoint file not found")
-        from fromface.models.checkpoint import load_model
-
-        model = load_model(path)
-        return TorchEmbedder(model, name=path.stem, source=str(path), weights_id=_file_identity(path),
-                             select=select, fallback=fallback, flip=flip, batch_size=batch_size, refine=refine)
-    if path.suffix.lower() == ".onnx":
-        if not path.is_file():
-            raise ConfigError(f"{path}: ONNX file not found")
-        return OnnxEmbedder(path, select=select, fallback=fallback, flip=flip, batch_size=batch_size)
-    from fromface.inference.recognizer import default_model_spec
-    from fromface.models import create_model, get_spec
-    from fromface.models.weights import state_digest
-
-    if spec == "default":
-        spec = default_model_spec()
-    spec_obj = get_spec(spec.split(":", 1)[0])  # "name:tag" too; unknown names list close matches
-    model = create_model(spec)
-    tags = ",".join(sorted(spec_obj.pretrained)) or "none"
+            kind = "ONNX" if path.suffix.lower() == ".onnx" else "checkpoint"
+            raise ConfigError(f"{path}: {kind} file not found")
+        return ModelEmbedder(load_face_model(path), path.stem, _file_identity(path), refine=refine, **options)
+    model = load_face_model(spec)
     # The cache key holds the weights' digest only: renaming or adding a pretrained tag must not invalidate it.
-    return TorchEmbedder(model, name=spec, source=f"registry:{spec} (pretrained tags: {tags})",
-                         weights_id=f"sha256:{state_digest(model)}", select=select, fallback=fallback, flip=flip,
-                         batch_size=batch_size, refine=refine)
+    name = spec if spec != "default" else model.model_id
+    return ModelEmbedder(model, name, f"sha256:{state_digest(model.torch_model)}", refine=refine, **options)

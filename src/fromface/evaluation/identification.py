@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fromface.errors import DataError
-from fromface.evaluation.embedders import Embedder
+from fromface.evaluation.embedding import Embedder
 from fromface.evaluation.runner import check_images_exist, embed_images
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}

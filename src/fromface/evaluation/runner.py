@@ -21,7 +21,7 @@ import numpy as np
 
 from fromface.data.images import load_image
 from fromface.errors import DataError, FromfaceError
-from fromface.evaluation.embedders import Embedder, EmbedResult
+from fromface.evaluation.embedding import Embedder, EmbedResult
 
 
 def image_key(path: Path) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 
 from fromface.data.pairs import Pair, pair_images
 from fromface.errors import DataError
-from fromface.evaluation.embedders import Embedder
+from fromface.evaluation.embedding import Embedder
 from fromface.evaluation.metrics import DEFAULT_FARS, assign_folds, roc_curve, verification_metrics
 from fromface.evaluation.runner import check_images_exist, embed_images, pair_scores
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fromface.data.files import atomic_write
 from fromface.errors import ConfigError
 
 OUTPUTS = ("embedding", "mask", "pattern_logits")
@@ -88,21 +88,10 @@ def export_onnx(model, path: str | os.PathLike, tag: str | None = None, threshol
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; give the name of the .onnx file to write")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write into {path.parent} ({exc.strerror or exc})") from None
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            onnx.save(proto, str(tmp))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot write the ONNX file ({exc.strerror or exc})") from None
-    finally:  # on every failure path, nothing is left behind
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fromface.errors import ConfigError
-from fromface.inference.alignment import TEMPLATES, AlignmentTemplate, register_template
+from fromface.faces.alignment import TEMPLATES, AlignmentTemplate, register_template
 from fromface.models.backbones import Backbone
 from fromface.models.outputs import FaceOutput
 from fromface.models.registry import Preprocess, register_model, register_pretrained

@@ -11,13 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fromface.errors import ConfigError
+from fromface.faces.aligner import Refiner
 from fromface.models.outputs import FaceOutput
-from fromface.models.registry import get_spec, register_model
+from fromface.models.registry import Preprocess, get_spec, register_model
 from fromface.occlusion.patterns import num_patterns
 
 MaskShape = Literal["3d", "2d"]
@@ -100,7 +102,7 @@ class AlignHead(nn.Module):
     A detector's landmarks move when part of the face is covered, so an occluded face is cropped off its
     usual alignment (docs/training.md). This head reads the frozen stage map and predicts the shift, in
     fractions of the crop's width and height; the aligner then warps the photo again from the corrected
-    points (:class:`~fromface.inference.faces.FaceAligner` ``refine``). It starts at zero: trust the detector.
+    points (:class:`~fromface.faces.aligner.FaceAligner` ``refine``). It starts at zero: trust the detector.
     """
 
     def __init__(self, in_ch: int, hidden: int = 64, pooled: int = 7):
@@ -292,3 +294,18 @@ def register_from_variant(backbone: str, description: str = "") -> Callable[...,
 
     text = description or f"FROM (mask decoder + pattern predictor) on {backbone}"
     return register_model(f"from_{backbone}", spec.preprocess, text, spec.licence)(build)
+
+
+def model_refiner(model: nn.Module, preprocess: Preprocess) -> Refiner | None:
+    """A FROM model's align head as a :class:`~fromface.faces.aligner.FaceAligner` ``refine`` step: crop in,
+    the face's five points' shift out; None for models without one."""
+    if getattr(model, "align_head", None) is None:
+        return None
+
+    def refine(crop: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(preprocess.to_input(crop))
+        with torch.inference_mode():
+            shift = model.predict_landmark_shift(x.to(next(model.parameters()).device))
+        return shift[0].float().cpu().numpy().astype(np.float64)
+
+    return refine

@@ -7,24 +7,47 @@ A model's alignment template, input size and pixel normalisation travel with it 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
+import numpy as np
 from torch import nn
 
 from fromface.errors import ConfigError
+from fromface.models.weights import load_tag_state
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """How an aligned crop is made and scaled before it enters the network."""
 
-    template: str  # alignment template name (see fromface.inference.alignment)
+    template: str  # alignment template name (see fromface.faces.alignment)
     size: tuple[int, int]  # (height, width) of the network input
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # RGB in [0, 1] space
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     channel_order: str = "RGB"
+
+    def to_input(self, crops: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 RGB crops ((N,) H, W, 3) -> the network's float32 input (N, 3, H, W): ``(pixel / 255 - mean) / std``.
+
+        The one place a crop becomes network input (inference, ONNX, evaluation, training). Crops of another size
+        are resized to :attr:`size`. ``mean``/``std`` are given in RGB order, so a BGR network gets the channels
+        and their statistics reversed together.
+        """
+        if isinstance(crops, np.ndarray) and crops.ndim == 3:
+            crops = crops[None]
+        h, w = self.size
+        sized = [c if c.shape[:2] == (h, w) else cv2.resize(c, (w, h), interpolation=cv2.INTER_AREA) for c in crops]
+        arr = np.asarray(sized, dtype=np.float32)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ConfigError(f"crops must be (N, H, W, 3) RGB, got shape {arr.shape}")
+        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        if self.channel_order.upper() == "BGR":
+            arr, mean, std = arr[..., ::-1], mean[::-1], std[::-1]
+        arr = (arr / np.float32(255.0) - mean) / std
+        return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
 
 
 @dataclass
@@ -91,7 +114,7 @@ def create_model(name: str, pretrained: str | bool | None = None, **kwargs: Any)
             raise ConfigError(f"model {name!r}: tag {tag_in_name!r} in the name and pretrained={pretrained!r} differ")
         pretrained = tag_in_name
     spec = get_spec(name)
-    tag = _pick_tag(spec, pretrained)
+    tag = pick_tag(spec, pretrained)
     info = spec.pretrained.get(tag, {}) if tag else {}
     fixed = dict(info.get("kwargs") or {})
     clash = {k for k in kwargs if k in fixed and kwargs[k] != fixed[k]}
@@ -102,8 +125,6 @@ def create_model(name: str, pretrained: str | bool | None = None, **kwargs: Any)
     except TypeError as exc:
         raise ConfigError(f"cannot build {name!r} with {sorted(kwargs)}: {exc}") from None
     if tag and info.get("file"):
-        from fromface.models.pretrained import load_tag_state
-
         load_tag_state(model, name, tag, info)
     model.preprocess = spec.preprocess
     model.model_name = name
@@ -111,7 +132,8 @@ def create_model(name: str, pretrained: str | bool | None = None, **kwargs: Any)
     return model
 
 
-def _pick_tag(spec: ModelSpec, pretrained: str | bool | None) -> str | None:
+def pick_tag(spec: ModelSpec, pretrained: str | bool | None) -> str | None:
+    """The tag ``pretrained`` names: None for none; ``True`` for the one marked ``default`` (else the first)."""
     if not pretrained:
         return None
     if pretrained is True:

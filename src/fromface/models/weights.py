@@ -9,41 +9,19 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
+from fromface.data.files import atomic_write, file_sha256, package_file  # noqa: F401  (package_file: re-exported)
 from fromface.errors import ConfigError
 
 # Bump when a converter changes what it writes, so stale caches are not reused.
 CACHE_FORMAT = "1"
-
-
-def package_file(package: str, relative: str, install_hint: str = "") -> Path:
-    """Path of a data file shipped inside an installed package (never downloaded).
-
-    The package is located without importing it: ``face_recognition_models`` imports the removed
-    ``pkg_resources`` at import time, but its files are all we need.
-    """
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not roots:
-        hint = f" (install it: {install_hint})" if install_hint else ""
-        raise ConfigError(f"package {package!r} is not installed{hint}")
-    for root in roots:
-        path = Path(root) / relative
-        if path.is_file():
-            return path
-    raise ConfigError(f"{Path(roots[0]) / relative}: weight file missing from the installed package {package!r}")
 
 
 def state_digest(module: torch.nn.Module) -> str:
@@ -61,17 +39,8 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fromface"
 
 
-def file_digest(path: Path, length: int = 64) -> str:
-    """sha256 of a file's bytes (hex, ``length`` characters): the cache key, so an updated package is re-converted."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:length]
-
-
 def cached_path(name: str, source: Path, digest: str | None = None) -> Path:
-    digest = (digest or file_digest(source))[:16]
+    digest = (digest or file_sha256(source))[:16]
     return cache_dir() / f"{name}-{digest}-v{CACHE_FORMAT}.safetensors"
 
 
@@ -90,7 +59,7 @@ def load_converted(
     """
     from safetensors.torch import load_file, save_file
 
-    digest = file_digest(source)
+    digest = file_sha256(source)
     if expected_sha256 and digest != expected_sha256:
         warnings.warn(f"{source}: sha256 {digest[:16]}... differs from the file the port was checked against "
                       f"({expected_sha256[:16]}...); its parity is unverified", stacklevel=2)
@@ -105,32 +74,26 @@ def load_converted(
     state = convert(source)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"source": str(source)})
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, target)  # atomic: concurrent loaders never see half a file
+        with atomic_write(target) as tmp:  # concurrent loaders never see half a file
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"source": str(source)})
     except OSError as exc:
         warnings.warn(f"cannot cache converted weights in {target.parent}: {exc}", stacklevel=2)
     return state
 
 
-def crops_to_tensor(crops: np.ndarray, mean: tuple, std: tuple, channel_order: str = "RGB") -> torch.Tensor:
-    """uint8 RGB crops (N, H, W, 3) or (H, W, 3) -> normalised float NCHW, as a model's Preprocess says.
+def load_tag_state(model: torch.nn.Module, name: str, tag: str, info: dict[str, Any]) -> None:
+    """Load a shipped tag's trained parts after checking the file's checksum; the rest must be the trunk's."""
+    from safetensors.torch import load_file
 
-    ``mean``/``std`` are in [0, 1] pixel units, so ``x = (pixel / 255 - mean) / std``.
-    """
-    arr = np.asarray(crops)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ConfigError(f"crops must be (N, H, W, 3) RGB, got shape {arr.shape}")
-    if channel_order.upper() == "BGR":
-        arr = arr[..., ::-1]
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
-    m = np.asarray(mean, dtype=np.float32) * 255.0
-    s = np.asarray(std, dtype=np.float32) * 255.0
-    if channel_order.upper() == "BGR":  # mean/std are given in RGB order
-        m, s = m[::-1].copy(), s[::-1].copy()
-    m, s = torch.from_numpy(m).view(1, 3, 1, 1), torch.from_numpy(s).view(1, 3, 1, 1)
-    return (x - m) / s
+    path = Path(info["file"])
+    if not path.is_file():
+        raise ConfigError(f"{name}:{tag}: weights file {path} is missing; reinstall fromface")
+    if info.get("sha256") and file_sha256(path) != info["sha256"]:
+        raise ConfigError(f"{name}:{tag}: {path} fails its sha256 check (corrupt or replaced); reinstall fromface")
+    state = load_file(str(path))
+    result = model.load_state_dict(state, strict=False)
+    trunk = tuple(info.get("trunk_prefixes", ("backbone.", "head.")))
+    untrained = [k for k in result.missing_keys if not k.startswith(trunk)]
+    if result.unexpected_keys or untrained:
+        raise ConfigError(f"{name}:{tag}: {path} does not fit the model "
+                          f"(unexpected {result.unexpected_keys[:3]}, missing {untrained[:3]})")

@@ -42,7 +42,7 @@ def scan_identity_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]
 def template_landmarks(template: str, size: tuple[int, int]) -> np.ndarray | None:
     """The alignment template's five points scaled to ``size`` = (h, w), or None if the template is unknown."""
     try:
-        from fromface.inference.alignment import TEMPLATES
+        from fromface.faces.alignment import TEMPLATES
     except ImportError:  # pragma: no cover - inference is part of the package
         return None
     tpl = TEMPLATES.get(template)

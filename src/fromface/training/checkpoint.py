@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fromface.data.files import atomic_write
 from fromface.errors import ConfigError
 from fromface.models.checkpoint import load_model, load_weights, read_checkpoint
 
@@ -52,13 +53,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -111,7 +111,7 @@ class SynthesizerOccluder:
                                  clean_prob=0.0)
         self.landmarks = None
         if template is not None:
-            from fromface.inference.alignment import get_template
+            from fromface.faces.alignment import get_template
 
             tpl = get_template(template)
             scale = np.array([size[1] / tpl.size[1], size[0] / tpl.size[0]])
@@ -137,7 +137,7 @@ class RealigningOccluder:
     needs_context = True
 
     def __init__(self, occluder: SynthesizerOccluder, template: str, context: float):
-        from fromface.inference.alignment import context_geometry, get_template
+        from fromface.faces.alignment import context_geometry, get_template
 
         self.occluder, self.template = occluder, get_template(template)
         _, offset = context_geometry(self.template, context)
@@ -153,8 +153,8 @@ class RealigningOccluder:
     def __call__(self, canvas: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import cv2
 
-        from fromface.inference.alignment import similarity_transform, transform_points, warp_face
-        from fromface.inference.faces import FaceAligner, covers_centre, refined_landmarks
+        from fromface.faces.aligner import FaceAligner, covers_centre, refined_landmarks
+        from fromface.faces.alignment import similarity_transform, transform_points, warp_face
 
         if self._aligner is None:
             self._aligner = FaceAligner(self.template.name, select="central")

@@ -84,7 +84,7 @@ def load_face(path: Path, size: tuple[int, int], aligner=None, context: float = 
     if aligner is not None:
         face = aligner.align_array(image, str(path))[0]
         if context > 1.0:
-            from fromface.inference.alignment import warp_face
+            from fromface.faces.alignment import warp_face
 
             return np.ascontiguousarray(warp_face(image, face.landmarks, aligner.template, context))
         image = face.crop
@@ -93,7 +93,7 @@ def load_face(path: Path, size: tuple[int, int], aligner=None, context: float = 
 
 def _make_aligner(template: str, fallback: bool):
     try:
-        from fromface.inference.faces import FaceAligner
+        from fromface.faces.aligner import FaceAligner
     except ImportError as exc:  # pragma: no cover - the inference package ships with fromface
         raise DataError(f"aligning a training folder needs fromface.inference ({exc})") from None
     return FaceAligner(template, select="largest", fallback=fallback)
@@ -163,7 +163,7 @@ def pack_folder(
     tmp.mkdir(parents=True)
     h, w = size
     if context > 1.0:
-        from fromface.inference.alignment import context_geometry, get_template
+        from fromface.faces.alignment import context_geometry, get_template
 
         (h, w), _ = context_geometry(template, context)
         if get_template(template).size != tuple(size):
@@ -254,7 +254,7 @@ class PackedFaces:
         self._window = None  # (top, left) of the aligned crop inside each stored canvas
         stored = self.size
         if self.context > 1.0:
-            from fromface.inference.alignment import context_geometry
+            from fromface.faces.alignment import context_geometry
 
             stored, offset = context_geometry(self.template, self.context)
             self._window = (int(offset[1]), int(offset[0]))

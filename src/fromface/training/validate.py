@@ -42,7 +42,7 @@ def pair_accuracy(emb_a: np.ndarray, emb_b: np.ndarray, same: np.ndarray) -> flo
 @contextlib.contextmanager
 def refining(occluder, model: nn.Module, preprocess):
     """While inside, a re-aligning occluder also applies the model's align head, as the product's aligner does."""
-    from fromface.inference.faces import model_refiner
+    from fromface.models.from_net import model_refiner
 
     refine = model_refiner(model, preprocess) if getattr(occluder, "needs_context", False) else None
     if refine is None:
@@ -99,7 +99,7 @@ class PairBenchmark:
     def __init__(self, name: str, pairs_path: str, root: str | None, preprocess, limit: int | None = None,
                  progress: bool = False):
         from fromface.data.pairs import read_pairs
-        from fromface.inference.faces import FaceAligner
+        from fromface.faces.aligner import FaceAligner
         from fromface.training.pack import load_face
 
         pairs = read_pairs(pairs_path, root=root)

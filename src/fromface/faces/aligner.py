@@ -14,10 +14,13 @@ import numpy as np
 
 from fromface.data.images import ImageSource, describe_source, load_image
 from fromface.errors import ConfigError, NoFaceError
-from fromface.inference.alignment import TEMPLATES, get_template, similarity_transform, transform_points, warp_face
-from fromface.inference.detection import Detection, FaceDetector, YuNetDetector
+from fromface.faces.alignment import TEMPLATES, get_template, similarity_transform, transform_points, warp_face
+from fromface.faces.detection import Detection, FaceDetector, YuNetDetector
 
-SELECTIONS = ("largest", "central", "all")
+#: How one face is chosen among several: the largest box, or the box whose centre is nearest the image centre.
+ONE_FACE_RULES = ("largest", "central")
+#: What :class:`FaceAligner` keeps: one face by a :data:`ONE_FACE_RULES` rule, or every face.
+SELECTIONS = (*ONE_FACE_RULES, "all")
 METHODS = ("detected", "retry", "fallback")
 
 #: Centre-crop fallback box, as fractions of the image: (centre x, centre y, side / min(height, width)).
@@ -30,28 +33,6 @@ FALLBACK_BOX = (0.5, 0.467, 0.506)
 
 #: crop -> (5, 2) shift of the face's five alignment points from the template's, in fractions of the crop size
 Refiner = Callable[[np.ndarray], np.ndarray]
-
-
-def model_refiner(model, preprocess) -> Refiner | None:
-    """A FROM model's align head as a :class:`FaceAligner` ``refine`` step; None for models without one."""
-    if getattr(model, "align_head", None) is None:
-        return None
-    import cv2
-    import torch
-
-    from fromface.inference.recognizer import crops_to_input
-
-    h, w = preprocess.size
-
-    def refine(crop: np.ndarray) -> np.ndarray:
-        if crop.shape[:2] != (h, w):
-            crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
-        x = torch.from_numpy(crops_to_input(crop[None], preprocess))
-        with torch.inference_mode():
-            shift = model.predict_landmark_shift(x.to(next(model.parameters()).device))
-        return shift[0].float().cpu().numpy().astype(np.float64)
-
-    return refine
 
 
 def refined_landmarks(refine: Refiner, landmarks: np.ndarray, crop: np.ndarray, template: str) -> np.ndarray:
@@ -113,6 +94,21 @@ def estimate_fallback_box(landmarks: list[np.ndarray], height: int, width: int) 
         raise ValueError("need the landmarks of at least one photo")
     cx, cy, side = np.median(np.array(boxes), axis=0)
     return float(cx), float(cy), float(side)
+
+
+def choose_face(boxes: np.ndarray, height: int, width: int, rule: str, scores: np.ndarray | None = None) -> int:
+    """Index of the face a :data:`ONE_FACE_RULES` rule picks among (x1, y1, x2, y2) boxes; ties go to the higher
+    score, then to the earlier box. Shared with the peers, so every engine picks the same face of a photo."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    s = np.zeros(len(b)) if scores is None else np.asarray(scores, dtype=np.float64)
+    if rule == "largest":
+        key = -((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+    elif rule == "central":
+        centres = np.stack([(b[:, 0] + b[:, 2]) / 2.0, (b[:, 1] + b[:, 3]) / 2.0], axis=1)
+        key = np.linalg.norm(centres - np.array([width / 2.0, height / 2.0]), axis=1)
+    else:
+        raise ConfigError(f"one face is chosen by one of {', '.join(ONE_FACE_RULES)}; got {rule!r}")
+    return int(np.lexsort((-s, key))[0])
 
 
 class FaceAligner:
@@ -180,10 +176,9 @@ class FaceAligner:
         """Apply the selection rule to detections of an image of the given size."""
         if not faces or self.select == "all":
             return list(faces)
-        if self.select == "largest":
-            return [max(faces, key=lambda f: (f.area, f.score))]
-        centre = np.array([width / 2.0, height / 2.0])
-        return [min(faces, key=lambda f: (float(np.linalg.norm(f.center - centre)), -f.score))]
+        boxes, scores = np.array([f.box for f in faces]), np.array([f.score for f in faces])
+        index = choose_face(boxes, height, width, self.select, scores)
+        return [faces[index]]
 
     def align_array(self, image_rgb: np.ndarray, name: str = "<array>") -> list[AlignedFace]:
         """Like :meth:`align` for an already loaded (H, W, 3) uint8 RGB image."""

@@ -1,0 +1,168 @@
+"""Resolve what a user names as a model (``"default"``, ``name``, ``name:tag``, a checkpoint, an ``.onnx`` file or a
+built module) into one loaded network with its preprocessing, calibrated thresholds and identity.
+
+:class:`~fromface.inference.recognizer.FaceRecognizer` and ``fromface eval`` both load through
+:func:`load_face_model`, so a name means the same weights and thresholds everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fromface.data.files import file_sha256
+from fromface.errors import ConfigError
+from fromface.inference.onnx_backend import OnnxFaceModel, cached_export
+from fromface.models import Preprocess, create_model, get_spec, list_models
+from fromface.models.checkpoint import load_model
+from fromface.models.registry import pick_tag
+from fromface.models.weights import state_digest
+
+#: What ``"default"`` falls back to when no shipped tag is marked default: OpenCV's SFace ported to PyTorch (no
+#: occlusion head, no calibrated thresholds). The package ships a default tag, so this is for stripped installs.
+PLAIN_TRUNK_MODEL = "sface_net_face"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+#: Calibrated thresholds: ``{condition: {far: cosine}}``, condition "clean" or "occluded", far e.g. "far1e-3".
+Thresholds = dict[str, dict[str, float]]
+
+
+def default_model_name() -> str:
+    """The registered model with a pretrained tag marked ``default`` (how a shipped model becomes the default),
+    else :data:`PLAIN_TRUNK_MODEL` with a warning."""
+    for name in list_models():
+        if any(info.get("default") for info in get_spec(name).pretrained.values()):
+            return name
+    warnings.warn(f"no shipped model is marked default; using {PLAIN_TRUNK_MODEL}, which has no occlusion head "
+                  "and no calibrated thresholds", UserWarning, stacklevel=3)
+    return PLAIN_TRUNK_MODEL
+
+
+def default_model_spec() -> str:
+    """What ``"default"`` names wherever a model is taken: the default model with its default tag (``name:tag``)."""
+    name = default_model_name()
+    tag = pick_tag(get_spec(name), True) if get_spec(name).pretrained else None
+    return f"{name}:{tag}" if tag else name
+
+
+def checked_thresholds(raw: Any, where: str) -> Thresholds:
+    """A tag's or file's ``thresholds`` in the one schema, ``{condition: {far: float}}``; anything else is refused."""
+    if not raw:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ConfigError(f"{where}: thresholds must be {{condition: {{far: value}}}}, got {raw!r}")
+    try:
+        return {str(cond): {str(far): float(t) for far, t in fars.items()} for cond, fars in raw.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: thresholds must be numbers, got {raw!r}") from None
+
+
+@dataclass
+class FaceModel:
+    """A loaded network, torch or ONNX, and everything said about it.
+
+    ``model_id`` is what a gallery records to refuse another model later: ``name:tag`` for a registered model with a
+    tag, ``sha256:...`` of a checkpoint or ONNX file, ``module:name:digest`` of the weights otherwise. ``source`` is a
+    note of where it came from (a path or a name), never used to load anything.
+    """
+
+    name: str
+    preprocess: Preprocess
+    grid: int | None
+    tag: str | None
+    thresholds: Thresholds
+    model_id: str
+    source: str
+    file: Path | None = None
+    torch_model: nn.Module | None = None
+    onnx: OnnxFaceModel | None = None
+
+    @property
+    def backend(self) -> str:
+        return "onnx" if self.onnx is not None else "torch"
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Network input (N, 3, H, W) -> (embedding, mask, pattern_logits) as NumPy; mask/logits None if absent."""
+        if self.onnx is not None:
+            return self.onnx(batch)
+        device = next(self.torch_model.parameters()).device
+        with torch.inference_mode():
+            out = self.torch_model(torch.from_numpy(batch).to(device))
+        emb, mask, logits = (getattr(out, k, None) for k in ("embedding", "mask", "pattern_logits"))
+        if emb is None:  # a bare network returning the embedding tensor
+            emb = out
+        return tuple(None if t is None else t.float().cpu().numpy() for t in (emb, mask, logits))
+
+
+def load_face_model(model: Any = None, tag: str | None = None, backend: str = "torch",
+                    device: str = "cpu") -> FaceModel:
+    """Load ``model``: None or ``"default"``, a registered ``name`` / ``name:tag``, a training checkpoint
+    (``.pt``), an ``.onnx`` file from ``fromface export`` (always the ONNX backend) or a built ``nn.Module``.
+
+    ``backend="onnx"`` runs a torch model through onnxruntime (exported once, cached under ``$FROMFACE_CACHE``).
+    """
+    if backend not in ("torch", "onnx"):
+        raise ConfigError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+    if model is None or model == "default":
+        model = default_model_spec()
+    if isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".onnx":
+        return _onnx_file(Path(model))
+    if isinstance(model, nn.Module):
+        if not hasattr(model, "preprocess"):
+            raise ConfigError("a model passed as a module needs a .preprocess (build it with create_model)")
+        loaded = _torch(model, model.model_name if hasattr(model, "model_name") else type(model).__name__)
+    elif isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in CHECKPOINT_SUFFIXES:
+        path = Path(model)
+        loaded = _torch(load_model(path), None, file=path)
+    elif isinstance(model, str):
+        loaded = _registered(model, tag)
+    else:
+        raise ConfigError(f"model must be a registered name, a checkpoint or ONNX path or an nn.Module; got {model!r}")
+    loaded.torch_model = loaded.torch_model.to(device).eval()
+    if backend == "onnx":
+        loaded.onnx = OnnxFaceModel(cached_export(loaded.torch_model, loaded.tag, loaded.thresholds))
+    return loaded
+
+
+def _onnx_file(path: Path) -> FaceModel:
+    net = OnnxFaceModel(path)
+    return FaceModel(net.model_name, net.preprocess, net.grid, net.tag, checked_thresholds(net.thresholds, str(path)),
+                     f"sha256:{file_sha256(path)}", str(path.resolve()), file=path, onnx=net)
+
+
+def _registered(spec: str, tag: str | None) -> FaceModel:
+    name, _, tag_in_name = spec.partition(":")
+    model_spec = get_spec(name)  # unknown names list close matches
+    if tag and tag_in_name and tag != tag_in_name:
+        raise ConfigError(f"model {spec!r}: tag {tag_in_name!r} in the name and tag={tag!r} differ")
+    chosen = pick_tag(model_spec, tag or tag_in_name or bool(model_spec.pretrained))
+    net = create_model(name, pretrained=chosen)  # the factory loads (and checksums) a tag's shipped weights
+    info = model_spec.pretrained.get(chosen, {}) if chosen else {}
+    model_id = f"{name}:{chosen}" if chosen else f"module:{name}:{state_digest(net)}"  # untrained: random weights
+    return FaceModel(name, net.preprocess, getattr(net, "grid", None), chosen,
+                     checked_thresholds(info.get("thresholds"), f"{name}:{chosen}"), model_id, name, torch_model=net)
+
+
+def _torch(net: nn.Module, name: str | None, file: Path | None = None) -> FaceModel:
+    """A checkpoint or a built module: a tag's thresholds were calibrated for other weights, so there are none,
+    unless the module was built from a tag (``create_model(..., pretrained=tag)``) and still says so."""
+    name = name or getattr(net, "model_name", type(net).__name__)
+    tag = getattr(net, "pretrained_tag", None) if file is None else None
+    thresholds: Thresholds = {}
+    if tag:
+        info = get_spec(name).pretrained.get(tag) or {}
+        thresholds = checked_thresholds(info.get("thresholds"), f"{name}:{tag}")
+    if file is not None:
+        model_id, source = f"sha256:{file_sha256(file)}", str(file.resolve())
+    else:
+        model_id = f"{name}:{tag}" if tag else f"module:{name}:{state_digest(net)}"
+        source = name
+    return FaceModel(name, net.preprocess, getattr(net, "grid", None), tag, thresholds, model_id, source, file=file,
+                     torch_model=net)
