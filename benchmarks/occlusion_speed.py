@@ -4,7 +4,7 @@
                                          [--model from_mobilefacenet] [--seconds 3]
 
 One sample = decode an aligned-crop JPEG from memory, occlude it (preset), label its K=5 pattern and
-normalise it to a tensor -- what ``OccludedFaceDataset`` does per item. The crops are CelebA photos
+normalise it to a tensor -- what the trainer's data loader does per item. The crops are CelebA photos
 resized to the model's input size and JPEG-encoded once in memory, so disk speed is not measured.
 The training step (forward + FROM loss + backward + SGD, batch 32) of the model runs on the same
 single thread, so "ratio" says how many data-loading cores one training core needs. Times are CPU
@@ -29,8 +29,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from fromface.faces.alignment import get_template  # noqa: E402
 from fromface.models import create_model  # noqa: E402
-from fromface.occlusion.dataset import template_landmarks, to_tensor  # noqa: E402
 from fromface.occlusion.occluders import OccluderLibrary  # noqa: E402
 from fromface.occlusion.patterns import num_patterns  # noqa: E402
 from fromface.occlusion.synth import Synthesizer, rng_for  # noqa: E402
@@ -60,7 +60,7 @@ def synth_rate(synth: Synthesizer, blobs: list[bytes], landmarks, preprocess, se
         for i in range(start, start + 50):
             bgr = cv2.imdecode(np.frombuffer(blobs[i % len(blobs)], np.uint8), cv2.IMREAD_COLOR)
             res = synth.occlude(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), rng_for(0, i), landmarks=landmarks, grid=5)
-            to_tensor(res.image, preprocess)
+            preprocess.to_input(res.image)
 
     block(0)
     times, start, i = [], time.process_time(), 50
@@ -105,7 +105,7 @@ def main() -> None:
     cv2.setNumThreads(1)
     preprocess = create_model(args.model).preprocess
     blobs = encoded_crops(args.images, preprocess.size, 200)
-    landmarks = template_landmarks(preprocess.template, preprocess.size)
+    landmarks = get_template(preprocess.template).points_at(preprocess.size)
     library = OccluderLibrary.from_folder(args.occluders)
     print(f"1 thread, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"cv2 {cv2.__version__}; input {preprocess.size[0]}x{preprocess.size[1]} ({args.model})\n")

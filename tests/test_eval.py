@@ -297,7 +297,7 @@ def test_cli_eval_onnx_model_and_first_folds(tree, tmp_path):
 
 
 def test_identification_with_distractors(tree, tmp_path):
-    from fromface.evaluation.identification import evaluate_identification, scan_images
+    from fromface.evaluation.identification import evaluate_identification, scan_distractors
 
     data = split_gallery_probe(scan_identities(tree), 1, seed=0)
     clean = evaluate_identification(data, [ColourEmbedder()], None, ranks=(1, 2), progress=False)[0]["metrics"]
@@ -309,7 +309,7 @@ def test_identification_with_distractors(tree, tmp_path):
     d.mkdir()
     shutil.copy(data.probes[0][0], d / "copy.png")
     Image.fromarray(np.full((24, 24, 3), 128, np.uint8)).save(d / "grey.png")
-    data.distractors = scan_images(d)
+    data.distractors = scan_distractors(d)
     with_d = evaluate_identification(data, [ColourEmbedder()], None, ranks=(1, 2), progress=False)[0]["metrics"]
     assert with_d["n_gallery_identities"] == 5 and with_d["n_gallery_images"] == 5
     assert with_d["rank1"] == pytest.approx(5 / 6) and with_d["rank2"] == 1.0

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fromface.errors import ConfigError, DataError, ImageError
-from fromface.occlusion.dataset import OccludedFaceDataset
 from fromface.occlusion.occluders import OccluderLibrary, read_anchor_config
 from fromface.occlusion.patterns import PatternVocabulary
 from fromface.occlusion.synth import PRESETS, Synthesizer, box_label, rng_for
@@ -224,42 +222,6 @@ def test_bad_presets_are_config_errors(occ_folder: Path) -> None:
         Synthesizer(lib, preset="nope")
     with pytest.raises(ConfigError, match="coverage"):
         Synthesizer(lib, preset="face", coverage=(0.5, 0.2))
-
-
-class _Pre:
-    template, size, mean, std, channel_order = "sphereface112x96", (112, 96), (0.5,) * 3, (0.5,) * 3, "RGB"
-
-
-def test_dataset_is_seeded_per_sample_and_epoch(occ_folder: Path) -> None:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (6, 112, 96, 3), dtype=np.uint8)
-    labels = np.array([0, 0, 1, 1, 2, 2])
-    synth = Synthesizer(OccluderLibrary.from_folder(occ_folder), preset="face-train")
-    ds = OccludedFaceDataset((images, labels), synth, _Pre(), grid=5, seed=1)
-    assert len(ds) == 6 and ds.num_classes == 3
-    x, ident, label, mask = ds[3]
-    assert x.shape == (3, 112, 96) and x.dtype == torch.float32 and ident == 1 and mask.shape == (112, 96)
-    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0 and 0 <= label < 226
-    assert torch.equal(ds[3][0], x)
-    first = [ds[i][0] for i in range(6)]
-    ds.set_epoch(1)
-    assert any(not torch.equal(a, ds[i][0]) for i, a in enumerate(first))
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
-    batched = torch.cat([b[0] for b in loader])
-    assert torch.equal(batched, torch.stack([ds[i][0] for i in range(6)]))
-
-
-def test_dataset_reads_identity_folders(tmp_path: Path, occ_folder: Path) -> None:
-    for name in ("bob", "amy"):
-        (tmp_path / "ids" / name).mkdir(parents=True)
-        for j in range(2):
-            Image.fromarray(np.full((120, 100, 3), 40 * j + 50, np.uint8)).save(tmp_path / "ids" / name / f"{j}.png")
-    ds = OccludedFaceDataset(tmp_path / "ids", Synthesizer(OccluderLibrary.from_folder(occ_folder)), _Pre())
-    assert ds.classes == ["amy", "bob"] and [s[1] for s in ds.samples] == [0, 0, 1, 1]
-    assert ds[2][0].shape == (3, 112, 96)
-    (tmp_path / "empty" / "nobody").mkdir(parents=True)
-    with pytest.raises(DataError, match="no images"):
-        OccludedFaceDataset(tmp_path / "empty", Synthesizer(OccluderLibrary.from_folder(occ_folder)), _Pre())
 
 
 @pytest.mark.skipif(not (SHARED / "occluders" / "occluders.csv").is_file(), reason="needs ../shared/data/occluders")

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fromface.data.images import scan_images
 from fromface.errors import DataError
 from fromface.evaluation.embedding import Embedder
+from fromface.evaluation.report import command_line, environment, write_json
 from fromface.evaluation.runner import check_images_exist, embed_images
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 DISTRACTOR = "__distractor__"
 
 
@@ -34,28 +35,24 @@ class IdentificationSet:
         return self.gallery + [(p, f"{DISTRACTOR}{i}") for i, p in enumerate(self.distractors)]
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def scan_identities(root: Path) -> dict[str, list[Path]]:
     """``{identity: sorted image paths}`` from a tree with one sub-folder per identity."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: identity folder not found")
-    out = {d.name: _images(d) for d in sorted(root.iterdir()) if d.is_dir()}
+    out = {d.name: scan_images(d)[0] for d in sorted(root.iterdir()) if d.is_dir()}
     out = {k: v for k, v in out.items() if v}
     if not out:
-        raise DataError(f"{root}: no identity sub-folders with images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DataError(f"{root}: no identity sub-folders with images")
     return out
 
 
-def scan_images(folder: Path) -> list[Path]:
-    """Every image under a folder, recursively, sorted (distractors)."""
+def scan_distractors(folder: Path) -> list[Path]:
+    """Every image under a folder, recursively, sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: distractor folder not found")
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = scan_images(folder, recursive=True)[0]
     if not found:
         raise DataError(f"{folder}: no images found")
     return found
@@ -156,7 +153,6 @@ def _parse_ranks(text: str) -> tuple[int, ...]:
 
 def run_identification_cli(args: argparse.Namespace, embedders: list[Embedder]) -> int:
     """``fromface eval-id``: build the split, score every model, write report.json / report.md."""
-    from fromface.evaluation.report import command_line, environment, write_json
 
     if args.root is not None and (args.gallery or args.probe):
         raise DataError("give either --root (split one tree) or --gallery and --probe, not both")
@@ -167,7 +163,7 @@ def run_identification_cli(args: argparse.Namespace, embedders: list[Embedder]) 
     else:
         raise DataError("eval-id needs --root, or both --gallery and --probe")
     if args.distractors:
-        data.distractors = scan_images(args.distractors)
+        data.distractors = scan_distractors(args.distractors)
     ranks = _parse_ranks(args.ranks)
     args.out.mkdir(parents=True, exist_ok=True)
     cache = None if args.no_cache else (args.cache or args.out / "cache")

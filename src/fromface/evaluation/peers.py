@@ -18,6 +18,7 @@ import sys
 import types
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from fromface.data.files import package_file
@@ -45,7 +46,6 @@ class SFacePeer(Embedder):
     """OpenCV YuNet + SFace through cv2's own API."""
 
     def __init__(self, select: str = "central", flip: bool = False):
-        import cv2
 
         super().__init__(name="sface", source="peer:sface (cv2.FaceDetectorYN + cv2.FaceRecognizerSF)", batch_size=8)
         self.select = _check_select(select)

@@ -10,17 +10,21 @@ interrupted run resumes.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing as mp
 import re
 import sqlite3
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from fromface.data.images import load_image
 from fromface.errors import DataError, FromfaceError
+from fromface.evaluation.embedders import load_embedder
 from fromface.evaluation.embedding import Embedder, EmbedResult
 
 
@@ -103,10 +107,6 @@ def check_images_exist(paths: list[Path], what: str = "pair list") -> None:
 def _progress(total: int, label: str, enabled: bool):
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
     return tqdm(total=total, desc=label, unit="img", file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
 
 
@@ -114,8 +114,6 @@ _WORKER: dict = {}
 
 
 def _worker_init(spec: str, options: dict) -> None:
-    from fromface.evaluation.embedders import load_embedder
-
     _WORKER["embedder"] = load_embedder(spec, **options)
 
 
@@ -131,9 +129,6 @@ def _batches(embedder: Embedder, todo: list[tuple[Path, str]], workers: int):
     step = max(1, embedder.batch_size)
     chunks = [todo[s:s + step] for s in range(0, len(todo), step)]
     if workers > 1 and embedder.factory is not None and len(chunks) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
         spec, options = embedder.factory
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(spec, options)) as pool:

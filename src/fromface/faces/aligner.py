@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from fromface.data.images import ImageSource, describe_source, load_image
@@ -38,7 +39,6 @@ Refiner = Callable[[np.ndarray], np.ndarray]
 def refined_landmarks(refine: Refiner, landmarks: np.ndarray, crop: np.ndarray, template: str) -> np.ndarray:
     """Where ``refine`` says the face's points really are, in the photo: ``crop`` is the photo warped from
     ``landmarks`` onto ``template``; the predicted shift is mapped back through that warp."""
-    import cv2
 
     tpl = get_template(template)
     to_crop = similarity_transform(landmarks, tpl.points)
@@ -154,7 +154,6 @@ class FaceAligner:
 
     def _retry(self, image_rgb: np.ndarray) -> list[Detection]:
         """Lower threshold on an upscaled copy, then on a zero-padded copy (for faces that fill the frame)."""
-        import cv2
 
         h, w = image_rgb.shape[:2]
         threshold = min(self.retry_threshold, self.detector.score_threshold)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from fromface.errors import ConfigError
@@ -29,6 +30,11 @@ class AlignmentTemplate:
             raise ConfigError(f"template {self.name!r}: size must be (height, width), got {self.size}")
         object.__setattr__(self, "points", pts)
         object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+
+    def points_at(self, size: tuple[int, int]) -> np.ndarray:
+        """The five points in a crop of ``size = (height, width)`` (a network input of another size than the
+        template's): where a synthesiser anchors masks and glasses on an aligned crop."""
+        return self.points * np.array([size[1] / self.size[1], size[0] / self.size[0]])
 
 
 #: SphereFace / CosFace / the FROM paper's 112x96 (h x w) template.
@@ -116,7 +122,6 @@ def warp_face(image_rgb: np.ndarray, landmarks: np.ndarray, template_name: str |
     ``context`` > 1 returns a wider canvas around the same crop (see :func:`context_geometry`): training
     re-detects faces in it after occluding them, as the product does on an occluded photo.
     """
-    import cv2
 
     template = get_template(template_name)
     (height, width), offset = context_geometry(template, context)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import cv2
 import numpy as np
 
 from fromface.data.files import package_file
@@ -100,7 +101,6 @@ class YuNetDetector:
     def _net(self):
         net = getattr(self._local, "net", None)
         if net is None:
-            import cv2
 
             net = cv2.FaceDetectorYN.create(str(self.model_path), "", (320, 320), self.score_threshold,
                                             self.nms_threshold, self.top_k)
@@ -118,7 +118,6 @@ class YuNetDetector:
 
     def detect(self, image_rgb: np.ndarray, score_threshold: float | None = None) -> list[Detection]:
         """Faces in an (H, W, 3) uint8 RGB image, highest score first."""
-        import cv2
 
         check_image(image_rgb)
         h, w = image_rgb.shape[:2]

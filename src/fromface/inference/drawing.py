@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from fromface.errors import ImageError
@@ -18,7 +19,6 @@ PANEL = 224  # pixels per face panel
 
 def face_panel(face, size: int = PANEL) -> np.ndarray:
     """One face crop scaled to ``size`` with its heat map blended in and the predicted pattern outlined."""
-    import cv2
 
     crop = cv2.resize(face.crop, (size, size), interpolation=cv2.INTER_CUBIC).astype(np.float32)
     if face.heatmap is not None:
@@ -44,7 +44,6 @@ def _caption(face) -> str:
 
 def draw_verification(verification, size: int = PANEL) -> np.ndarray:
     """RGB picture of a :class:`~fromface.inference.recognizer.Verification` made with its faces."""
-    import cv2
 
     if verification.faces is None:
         raise ValueError("this verification carries no faces to draw")
@@ -70,7 +69,6 @@ def draw_verification(verification, size: int = PANEL) -> np.ndarray:
 
 def save_verification(verification, path: str | os.PathLike, size: int = PANEL) -> Path:
     """Draw and write the picture (format from the file extension)."""
-    import cv2
 
     path = Path(path)
     picture = draw_verification(verification, size)

@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fromface.data.images import describe_source
 from fromface.errors import AlreadyEnrolledError, ConfigError, DataError, ImageError
+from fromface.inference.recognizer import FaceEmbedding, FaceRecognizer
 
 SCHEMA_VERSION = 2  # 2: templates.digest (sha256 of the enrolled image), so the same image is never enrolled twice
 READABLE_VERSIONS = (1, 2)
@@ -262,7 +264,6 @@ class Gallery:
     def recognizer(self):
         """The FaceRecognizer used to embed images (built on first use from the gallery's registered model)."""
         if self._recognizer is None:
-            from fromface.inference.recognizer import FaceRecognizer
 
             self._recognizer = FaceRecognizer(self.model_spec())
         return self._recognizer
@@ -329,7 +330,6 @@ class Gallery:
         bytes) is skipped and reported, so re-running an enrolment adds nothing twice. All or nothing: every image
         is embedded before anything is written, and the rows go in one transaction.
         """
-        from fromface.data.images import describe_source
 
         _check_mode(mode)
         name = check_name(name)
@@ -564,7 +564,6 @@ class Gallery:
     def identify(self, image: Any, top_k: int = 5) -> list[Match]:
         """The ``top_k`` enrolled identities closest to the (largest) face in ``image``, each marked ``same`` by
         the recognizer's threshold for that probe/template occlusion condition."""
-        from fromface.inference.recognizer import FaceEmbedding
 
         recognizer = self.recognizer  # checked against the gallery's model when it was set or built
         face = image if isinstance(image, FaceEmbedding) else recognizer.embed(image)[0]

@@ -18,7 +18,10 @@ import numpy as np
 
 from fromface.data.files import atomic_write
 from fromface.errors import ConfigError
+from fromface.faces.preprocess import Preprocess
 
+# torch, onnx and fromface.models are imported inside the export functions only: running an exported file needs
+# onnxruntime, NumPy and OpenCV, nothing else. onnxruntime is the optional `onnx` extra, imported where it is used.
 OUTPUTS = ("embedding", "mask", "pattern_logits")
 OPSET = 18
 
@@ -115,8 +118,6 @@ class OnnxFaceModel:
             import onnxruntime as ort
         except ImportError:
             raise ConfigError("the ONNX backend needs onnxruntime: pip install 'fromface[onnx]'") from None
-        from fromface.models.registry import Preprocess
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ConfigError(f"{self.path}: ONNX file not found")

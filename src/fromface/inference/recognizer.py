@@ -124,8 +124,8 @@ class FaceRecognizer:
     """Detect, align and embed faces with one model, and verify pairs with calibrated thresholds.
 
     ``model``: a registered name (default: the shipped model marked default), a training checkpoint (``.pt``), an
-    exported ``.onnx`` file (implies the ONNX backend) or a built ``nn.Module``. ``backend="onnx"`` exports the torch model
-    once (cached under ``$FROMFACE_CACHE``) and runs it with onnxruntime. ``select``: which face of each image --
+    exported ``.onnx`` file (implies the ONNX backend) or a built ``nn.Module``. ``backend="onnx"`` exports the torch
+    model once (cached under ``$FROMFACE_CACHE``) and runs it with onnxruntime. ``select``: which face of each image --
     ``"largest"``, ``"central"``, ``"all"``, or ``"single"`` (error when several faces are found). ``fallback``:
     centre-crop photos with no detected face (for pre-cropped photos). ``detector``: any
     :class:`~fromface.faces.detection.FaceDetector` (default YuNet). ``threshold`` overrides calibration.

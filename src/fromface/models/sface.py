@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -159,7 +160,6 @@ def dequantize_linear(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray |
 
 
 def _attrs(node) -> dict:
-    import onnx
 
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -193,7 +193,6 @@ def _check_conv(node, name: str, cin: int, cout: int, groups: int, stride: int, 
 
 def convert_sface_onnx(path: Path) -> dict[str, torch.Tensor]:
     """Read the SFace ONNX file into :class:`SFaceNet`'s state dict, checking the graph matches."""
-    import onnx
 
     try:
         model = onnx.load(str(path))

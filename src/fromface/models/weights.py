@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from fromface.data.files import atomic_write, file_sha256, package_file  # noqa: F401  (package_file: re-exported)
 from fromface.errors import ConfigError
@@ -57,7 +58,6 @@ def load_converted(
     conversion on every load (with a warning), never an error. A source whose sha256 differs from
     ``expected_sha256`` (the file parity was measured on) still loads, with a warning.
     """
-    from safetensors.torch import load_file, save_file
 
     digest = file_sha256(source)
     if expected_sha256 and digest != expected_sha256:
@@ -83,7 +83,6 @@ def load_converted(
 
 def load_tag_state(model: torch.nn.Module, name: str, tag: str, info: dict[str, Any]) -> None:
     """Load a shipped tag's trained parts after checking the file's checksum; the rest must be the trunk's."""
-    from safetensors.torch import load_file
 
     path = Path(info["file"])
     if not path.is_file():
