@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import LFW_IMAGES
 from fromface.cli.main import main
 
 
@@ -121,14 +122,10 @@ def test_embed_folder(ckpt, tmp_path, capsys):
     assert main(["embed", str(tmp_path / "none"), "-o", str(out), "--model", ckpt]) == 2
 
 
-@pytest.mark.data
+@pytest.mark.data("lfw/images")
 def test_verify_refuses_group_photo_with_select_single(ckpt, tmp_path, capsys):
-    from pathlib import Path
-
-    lfw = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "images"
+    lfw = LFW_IMAGES
     a, b = lfw / "Aaron_Peirsol" / "Aaron_Peirsol_0001.jpg", lfw / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg"
-    if not (a.is_file() and b.is_file()):
-        pytest.skip("needs LFW in ../shared/data")
     group = tmp_path / "group.png"
     Image.fromarray(np.concatenate([np.asarray(Image.open(a)), np.asarray(Image.open(b))], axis=1)).save(group)
     assert main(["verify", str(group), str(a), "--model", ckpt, "--select", "single"]) == 2

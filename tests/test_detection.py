@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import LFW_IMAGES
 from fromface.cli.main import main
 from fromface.data.images import load_image
 from fromface.errors import ImageError, NoFaceError
@@ -22,8 +23,8 @@ from fromface.faces import TEMPLATES, Detection, FaceAligner, FaceDetector, YuNe
 from fromface.faces.aligner import FALLBACK_BOX, estimate_fallback_box, fallback_landmarks
 from fromface.faces.alignment import warp_face
 
-LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "images"
-needs_lfw = pytest.mark.skipif(not LFW.is_dir(), reason="../shared/data/lfw not present")
+LFW = LFW_IMAGES
+needs_lfw = pytest.mark.data("lfw/images")
 FACE_FILES = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0001.jpg",
               "Aaron_Eckhart/Aaron_Eckhart_0001.jpg"]
 
@@ -34,10 +35,7 @@ def detector() -> YuNetDetector:
 
 
 def _lfw(i: int) -> np.ndarray:
-    path = LFW / FACE_FILES[i]
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
-    return load_image(path)
+    return load_image(LFW / FACE_FILES[i])
 
 
 def _resized(img: np.ndarray, side: int) -> np.ndarray:
@@ -250,9 +248,8 @@ def test_bad_selection_and_template_rejected():
 def _tree(root: Path) -> None:
     (root / "a").mkdir(parents=True)
     (root / "b" / "c").mkdir(parents=True)
-    if LFW.is_dir():
-        for i in range(2):
-            Image.fromarray(_lfw(i)).save(root / "a" / f"face{i}.jpg")
+    for i in range(2):
+        Image.fromarray(_lfw(i)).save(root / "a" / f"face{i}.jpg")
     Image.new("RGB", (250, 250), (128, 128, 128)).save(root / "b" / "c" / "blank.png")
     (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
 
@@ -262,10 +259,11 @@ def _csv(path: Path) -> dict[str, dict]:
         return {r["source"]: r for r in csv.DictReader(fh)}
 
 
+@needs_lfw
 def test_align_cli_summary_csv_and_resume(tmp_path, capsys):
     src, dst = tmp_path / "src", tmp_path / "dst"
     _tree(src)
-    n_faces = 2 if LFW.is_dir() else 0
+    n_faces = 2
     # exit status 1: two images failed (the summary says which)
     assert main(["align", str(src), str(dst), "--template", "arcface112", "--no-progress", "--select", "central"]) == 1
     out = capsys.readouterr().out

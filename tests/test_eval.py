@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SHARED_DATA
 from fromface.cli.main import main
 from fromface.data.pairs import Pair, write_pairs_tsv
 from fromface.errors import ConfigError, DataError
@@ -225,12 +226,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "pair list not found" in capsys.readouterr().err
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-LFW = SHARED / "lfw"
-needs_lfw = pytest.mark.skipif(not (LFW / "pairs.txt").exists(), reason="needs ../shared/data/lfw")
+LFW = SHARED_DATA / "lfw"
+needs_lfw = pytest.mark.data("lfw/pairs.txt", "lfw/images")
 
 
-@pytest.mark.data
 @needs_lfw
 def test_sface_peer_on_lfw_pairs(tmp_path):
     from fromface.data.pairs import read_pairs
@@ -242,7 +241,6 @@ def test_sface_peer_on_lfw_pairs(tmp_path):
     assert res["metrics"]["auc"] == 1.0
 
 
-@pytest.mark.data
 @pytest.mark.slow
 @needs_lfw
 def test_face_recognition_peer_same_person_is_closer():

@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import LFW_IMAGES
 from fromface.cli.main import main
 from fromface.errors import ConfigError, DataError, ImageError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "images"
+LFW = LFW_IMAGES
 TIMEOUT = 60
 
 
@@ -455,11 +456,9 @@ def test_serve_validates_its_port_first(ckpt, tmp_path, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in out.err and "serving" not in out.out
 
 
-@pytest.mark.data
+@pytest.mark.data("lfw/images")
 def test_rest_reports_how_many_faces_were_found(guarded):
     a, b = LFW / "Aaron_Peirsol" / "Aaron_Peirsol_0001.jpg", LFW / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg"
-    if not (a.is_file() and b.is_file()):
-        pytest.skip("needs LFW in ../shared/data")
     import io
 
     buf = io.BytesIO()

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SHARED_DATA
 from fromface.cli.main import main
 from fromface.data.images import load_image
 from fromface.data.pairs import read_pairs
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 HEADER = "file,category,kind,source,licence\n"
 
 
@@ -111,8 +112,7 @@ def test_missing_image_and_bad_options_are_one_line_errors(setup: dict, capsys: 
     assert "coverage" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (SHARED / "lfw" / "pairs.txt").is_file() or not (SHARED / "occluders").is_dir(),
-                    reason="needs ../shared/data")
+@pytest.mark.data("lfw/pairs.txt", "lfw/images", "occluders")
 def test_lfw_pairs_with_detector(tmp_path: Path) -> None:
     out = tmp_path / "lfw"
     lfw = SHARED / "lfw"

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SHARED_DATA
 from fromface.errors import ConfigError, DataError, ImageError
 from fromface.occlusion.occluders import OccluderLibrary, read_anchor_config
 from fromface.occlusion.patterns import PatternVocabulary
 from fromface.occlusion.synth import PRESETS, Synthesizer, box_label, rng_for
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 HEADER = "file,category,kind,source,licence\n"
 CFG = """[test_mask]
 template: masks/templates/test_mask.png
@@ -224,7 +225,7 @@ def test_bad_presets_are_config_errors(occ_folder: Path) -> None:
         Synthesizer(lib, preset="face", coverage=(0.5, 0.2))
 
 
-@pytest.mark.skipif(not (SHARED / "occluders" / "occluders.csv").is_file(), reason="needs ../shared/data/occluders")
+@pytest.mark.data("occluders/occluders.csv")
 def test_shared_occluder_library() -> None:
     lib = OccluderLibrary.from_folder(SHARED / "occluders")
     assert len(lib) == 40 and len(lib.categories) == 9

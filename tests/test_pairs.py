@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
 from fromface.data.pairs import Pair, detect_format, pair_images, read_pairs, write_pairs_tsv
 from fromface.errors import DataError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:
@@ -124,8 +125,7 @@ def test_write_without_folds(tmp_path):
     assert out.read_text() == "a.jpg\tb.jpg\t0\n"
 
 
-@pytest.mark.data
-@pytest.mark.skipif(not (SHARED / "lfw" / "pairs.txt").exists(), reason="needs ../shared/data/lfw")
+@pytest.mark.data("lfw/pairs.txt", "lfw/images")
 def test_official_lfw_pairs():
     pairs = read_pairs(SHARED / "lfw" / "pairs.txt", root=SHARED / "lfw" / "images")
     assert len(pairs) == 6000

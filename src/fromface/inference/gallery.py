@@ -547,7 +547,7 @@ class Gallery:
         want = self.use_faiss is True or (self.use_faiss == "auto" and len(mat) > 200_000)
         if want:
             try:
-                import faiss
+                import faiss  # optional (pip install faiss-cpu): exact NumPy search without it
             except ImportError:
                 if self.use_faiss is True:
                     raise ConfigError("use_faiss=True needs the faiss package (pip install faiss-cpu)") from None

@@ -14,7 +14,12 @@ import os
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+from fromface.data.images import load_image
 from fromface.errors import AlreadyEnrolledError, ConfigError, DataError, FromfaceError, ImageError, NoFaceError
+from fromface.inference.gallery import Gallery, check_name, image_digest
+
+# FastAPI and Starlette are the optional `serve` extra: imported inside the functions that build the app, so that
+# without them `fromface serve` says what to install in one line.
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # per file
 MAX_PIXELS = 25_000_000  # per image
@@ -52,7 +57,6 @@ def create_app(recognizer: Any, gallery_path: str | os.PathLike | None = None,
         from fastapi import FastAPI
     except ImportError:
         raise ConfigError("the REST service needs FastAPI: pip install 'fromface[serve]'") from None
-    from fromface.inference.gallery import Gallery
 
     gallery = None
     if gallery_path is not None:
@@ -175,12 +179,9 @@ def _install_errors(app: Any) -> None:
 
 
 def _add_routes(app: Any, recognizer: Any, gallery: Any, max_upload_bytes: int, max_pixels: int,
-                max_files: int) -> None:
+                max_files: int) -> None:  # long: the routes share one closure over the recognizer, gallery and limits
     from fastapi import File, Form, UploadFile
     from starlette.exceptions import HTTPException
-
-    from fromface.data.images import load_image
-    from fromface.inference.gallery import check_name, image_digest
 
     def face_of(upload: UploadFile, field: str, digest: bool = False):
         """The selected face of an uploaded file (and the sha256 of its bytes); errors name the form field and

@@ -1,0 +1,33 @@
+"""What every test file shares: where the shared data lives, and the ``data`` and ``slow`` markers.
+
+``@pytest.mark.data("lfw/pairs.txt", "occluders")`` marks a test that reads the shared data (paths relative to
+:data:`SHARED_DATA`; no paths: the folder itself). Such a test skips when its data is absent, except under
+``CI=true``, where the data is part of the set-up and a missing file fails the test instead of hiding it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+#: The datasets beside the checkout (``../shared/data``); ``FROMFACE_SHARED_DATA`` points elsewhere.
+SHARED_DATA = Path(os.environ.get("FROMFACE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+LFW_IMAGES = SHARED_DATA / "lfw" / "images"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "data(*paths): needs these files or folders under ../shared/data")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers("data"):
+        missing = [p for p in (marker.args or ("",)) if not (SHARED_DATA / p).exists()]
+        if not missing:
+            continue
+        why = f"needs {', '.join(str(SHARED_DATA / p) for p in missing)}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{why}: shared data is part of the CI set-up, so this data test may not skip")
+        pytest.skip(why)
