@@ -17,7 +17,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fromface.data.images import IMAGE_EXTENSIONS
+from fromface.cli._messages import cli_wording
+from fromface.data.images import IMAGE_EXTENSIONS, load_image
+from fromface.errors import ConfigError, DataError, FromfaceError
 
 CSV_NAME = "align_results.csv"
 SETTINGS_NAME = "align_settings.json"
@@ -88,14 +90,10 @@ def process_one(aligner, src: Path, dst: Path, rel: Path, fmt: str, base: Path |
     """Align one image and save its crop(s); never raises for bad input, records the failure instead."""
     from PIL import Image
 
-    from fromface.data.images import load_image
-    from fromface.errors import FromfaceError
-
     try:
         image = load_image(src / rel)
         faces = aligner.align_array(image, str(src / rel))
     except FromfaceError as exc:
-        from fromface.cli.main import cli_wording
 
         return _row(rel, "failed", cli_wording(str(exc)))
     names = _output_names(base if base is not None else rel.with_suffix(""), len(faces), aligner.select, fmt)
@@ -128,7 +126,6 @@ def _is_done(row: dict | None, dst: Path) -> bool:
 
 
 def _check_settings(dst: Path, settings: dict, overwrite: bool) -> None:
-    from fromface.errors import ConfigError
 
     path = dst / SETTINGS_NAME
     if path.is_file() and not overwrite:
@@ -160,7 +157,6 @@ def run(args: argparse.Namespace) -> int:
     import cv2
     from tqdm import tqdm
 
-    from fromface.errors import DataError
     from fromface.faces.aligner import FaceAligner
 
     src, dst = args.src, args.dst

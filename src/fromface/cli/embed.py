@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from fromface.cli._messages import cli_wording
+from fromface.cli._output import check_output_file
 from fromface.cli.verify import add_recognizer_args
+from fromface.data.images import scan_images
+from fromface.errors import DataError, FromfaceError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,15 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     import numpy as np
 
-    from fromface.cli._output import check_output_file
-    from fromface.cli.main import cli_wording
     from fromface.cli.verify import recognizer_from_args
-    from fromface.data.images import scan_images
-    from fromface.errors import DataError, FromfaceError
 
     root = Path(args.folder)
     if not root.is_dir():

@@ -6,14 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from fromface.cli._messages import cli_wording
 from fromface.cli.verify import add_recognizer_args
+from fromface.data.images import scan_images
+from fromface.errors import DataError, FromfaceError
 
 
 def plan(inputs: list[str], name: str | None) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
     """({identity: images}, skipped files with the reason): with ``name``, every given image (or image inside a
     given folder) is that person; without, each input folder holds one sub-folder per identity."""
-    from fromface.data.images import scan_images
-    from fromface.errors import DataError
 
     paths = [Path(p) for p in inputs]
     for p in paths:
@@ -64,9 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fromface.cli.main import cli_wording
     from fromface.cli.verify import recognizer_for_gallery
-    from fromface.errors import FromfaceError
     from fromface.inference.gallery import Gallery
 
     people, passed = plan(args.inputs, args.name)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fromface.cli._output import check_output_folder
+from fromface.data.pairs import pair_images, read_pairs
+from fromface.errors import ConfigError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="verification accuracy of one or more models on a pair list",
@@ -60,7 +64,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(args: argparse.Namespace) -> list:
-    from fromface.errors import ConfigError
     from fromface.evaluation.embedders import load_embedder
 
     if args.threads:
@@ -76,7 +79,6 @@ def _setup(args: argparse.Namespace) -> list:
 
 
 def _bins(text: str) -> tuple[float, ...]:
-    from fromface.errors import ConfigError
 
     try:
         edges = tuple(float(x) for x in text.split(","))
@@ -88,8 +90,6 @@ def _bins(text: str) -> tuple[float, ...]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from fromface.cli._output import check_output_folder
-    from fromface.data.pairs import pair_images, read_pairs
     from fromface.evaluation.report import (
         command_line,
         environment,
@@ -142,7 +142,6 @@ def _first_folds(pairs: list, args: argparse.Namespace) -> list:
     """Keep the pairs of folds 0..K-1 (the list's folds, else contiguous ones) when --first-folds K is given."""
     if args.first_folds is None:
         return pairs
-    from fromface.errors import ConfigError
     from fromface.evaluation.metrics import assign_folds
 
     folds = assign_folds([p.same for p in pairs], args.folds, [p.fold for p in pairs])
@@ -152,7 +151,6 @@ def _first_folds(pairs: list, args: argparse.Namespace) -> list:
 
 
 def run_eval_id(args: argparse.Namespace) -> int:
-    from fromface.cli._output import check_output_folder
     from fromface.evaluation.identification import run_identification_cli
 
     check_output_folder(args.out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fromface.cli._output import check_output_file
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a model to ONNX",
@@ -23,7 +25,6 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from fromface.cli._output import check_output_file
     from fromface.inference.onnx_backend import OnnxFaceModel, export_onnx
     from fromface.inference.recognizer import FaceRecognizer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from fromface.cli.verify import add_recognizer_args, positive_int
 
@@ -19,7 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
 
     from fromface.cli.verify import recognizer_for_gallery
     from fromface.inference.gallery import Gallery

@@ -2,29 +2,22 @@
 
 Each module in ``fromface.cli`` (other than this one) defines ``register(subparsers)``, which adds
 its parser and sets ``func`` to a callable taking the parsed arguments and returning an exit code.
-Modules import heavy libraries inside their ``func`` so ``fromface --help`` stays fast.
+Modules import the library (OpenCV, torch, onnxruntime behind it) inside their ``func`` so ``fromface --help``
+stays fast; errors, data helpers and the ``cli._*`` helpers are light and imported at the top.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
 import fromface.cli as cli_package
 from fromface import __version__
+from fromface.cli._messages import cli_wording
 from fromface.errors import FromfaceError
-
-#: Hints in library errors are written for the Python API; the CLI says them with its own flags.
-CLI_WORDING = {"fallback=True": "--fallback", "select='largest'": "--select largest", "mode='add'": "--add"}
-
-
-def cli_wording(message: str) -> str:
-    """A library error message with its API hints turned into command-line options."""
-    for api, flag in CLI_WORDING.items():
-        message = message.replace(api, flag)
-    return message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `fromface verify ... | head -1`: the reader left, nothing is wrong
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
 

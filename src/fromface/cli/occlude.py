@@ -17,6 +17,10 @@ import shutil
 import time
 from pathlib import Path
 
+from fromface.data.images import load_image
+from fromface.data.pairs import Pair, read_pairs, write_pairs_tsv
+from fromface.errors import DataError, ImageError
+
 MANIFEST_COLUMNS = ("index", "source", "output", "seed", "preset", "face", "face_box", "frame", "occluder", "category",
                     "kind", "placement", "template", "box", "factor", "scale", "angle", "target_coverage",
                     "covered_fraction", "pattern_label", "grid", "sha256")
@@ -46,7 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _prepare_out(out: Path, force: bool) -> None:
-    from fromface.errors import DataError
 
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")
@@ -119,9 +122,6 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from fromface.data.images import load_image
-    from fromface.data.pairs import Pair, read_pairs, write_pairs_tsv
-    from fromface.errors import ImageError
     from fromface.occlusion.occluders import OccluderLibrary
     from fromface.occlusion.synth import Synthesizer
 

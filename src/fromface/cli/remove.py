@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from fromface.errors import DataError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,9 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from fromface.errors import DataError
     from fromface.inference.gallery import Gallery
 
     if not Path(args.db).is_file():

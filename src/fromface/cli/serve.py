@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 
 from fromface.cli.verify import add_recognizer_args
+from fromface.errors import ConfigError
 
 TOKEN_ENV = "FROMFACE_TOKEN"
 
@@ -44,7 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def read_token(path: str | None) -> str | None:
     """The service token from ``--token-file`` (first line, stripped) or the environment; None when neither."""
-    from fromface.errors import ConfigError
 
     if path is None:
         token = os.environ.get(TOKEN_ENV, "").strip()
@@ -62,9 +63,6 @@ def read_token(path: str | None) -> str | None:
 
 def bind(host: str, port: int):
     """A listening socket on host:port, made before anything is printed: a port in use is a clear error."""
-    import socket
-
-    from fromface.errors import ConfigError
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -85,7 +83,6 @@ def bind(host: str, port: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from fromface.errors import ConfigError
 
     try:
         import uvicorn

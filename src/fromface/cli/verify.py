@@ -6,6 +6,7 @@ Also holds the recognizer options shared by the other product commands (enroll, 
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def positive_int(text: str) -> int:
@@ -72,7 +73,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
 
     recognizer = recognizer_from_args(args)
     result = recognizer.verify(args.a, args.b)

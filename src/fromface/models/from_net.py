@@ -8,6 +8,7 @@ that last map before the head. Keeping the recognizer's parameter names (``backb
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Literal
 
@@ -269,28 +270,17 @@ def _check_options(mask_shape: str, mask_target: str, mask_source: str) -> None:
         raise ConfigError("a 2-D mask applies to feature maps only; use mask_shape='3d' with the embedding")
 
 
+#: FROM's own options (the keyword arguments of :class:`FROM` after the recognizer).
+FROM_OPTIONS = frozenset(inspect.signature(FROM).parameters) - {"recognizer"}
+
+
 def register_from_variant(backbone: str, description: str = "") -> Callable[..., FROM]:
     """Register ``from_<backbone>``: FROM around the registered recognizer, same preprocessing."""
     spec = get_spec(backbone)
 
-    def build(
-        grid: int = 5,
-        mask_shape: MaskShape = "3d",
-        mask_target: MaskTarget = "features",
-        mask_source: MaskSource = "pyramid",
-        pyramid_channels: int = 256,
-        mask_init: float | None = None,
-        mask_stage: int = -1,
-        use_mask: bool = True,
-        head_rank: int = 0,
-        mask_init_std: float = 1e-2,
-        align_head: bool = False,
-        **backbone_kwargs,
-    ) -> FROM:
-        recognizer = spec.builder(**backbone_kwargs)
-        return FROM(recognizer, grid, mask_shape, mask_target, mask_source, pyramid_channels,
-                    mask_init=mask_init, mask_stage=mask_stage, use_mask=use_mask, head_rank=head_rank,
-                    mask_init_std=mask_init_std, align_head=align_head)
+    def build(**kwargs) -> FROM:
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in FROM_OPTIONS}  # the rest is the backbone's
+        return FROM(spec.builder(**kwargs), **options)
 
     text = description or f"FROM (mask decoder + pattern predictor) on {backbone}"
     return register_model(f"from_{backbone}", spec.preprocess, text, spec.licence)(build)
