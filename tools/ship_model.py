@@ -1,6 +1,6 @@
 """Turn a training checkpoint into a pretrained tag shipped inside the package, with calibrated thresholds.
 
-    python tools/ship_model.py runs/default_from_sface_net_align/checkpoints/best.pt --tag celeba299-realign \
+    python tools/ship_model.py runs/from_sface_net.celeba299-realign/checkpoints/best.pt --tag celeba299-realign \
         --licence "CelebA terms: non-commercial research only" \
         --training-data "CelebA, identities 7201-7499|non-commercial research only|CUHK MMLab" [--default]
 

@@ -1,6 +1,6 @@
 """Score any model on a training config's held-out validation pairs, as the trainer does at each epoch.
 
-    python tools/validate_model.py configs/default/from_sface_net.yaml sface_net_face [CHECKPOINT.pt ...]
+    python tools/validate_model.py configs/from_sface_net.celeba299-realign.yaml sface_net_face [CHECKPOINT.pt ...]
 
 Gives the trunk-alone row of an ablation on exactly the pairs (and occluders) the trained runs were
 selected on. Model arguments are registered names (``name`` or ``name:tag``) or trainer checkpoints.
