@@ -26,6 +26,9 @@ from fromface.errors import ConfigError
 from fromface.evaluation.embedding import Embedder, EmbedResult
 from fromface.faces.aligner import ONE_FACE_RULES, choose_face
 
+# face_recognition and dlib are the optional `peers` extra: imported when that peer is built, so a missing one
+# gives a one-line error naming what to install.
+
 #: YuNet settings shared with fromface's own detector defaults, so both see the same faces.
 YUNET_SCORE, YUNET_NMS, YUNET_TOP_K = 0.6, 0.3, 5000
 

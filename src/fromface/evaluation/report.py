@@ -153,7 +153,7 @@ def write_markdown(report: dict, results: list[dict], path: Path) -> Path:
 
 def plot_roc(results: list[dict], path: Path, title: str = "ROC") -> Path | None:
     """One curve per model, FAR on a log axis; skipped (None) when matplotlib is missing."""
-    try:
+    try:  # optional (the `eval` extra): imported here so reports work without it
         import matplotlib
 
         matplotlib.use("Agg")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from fromface.errors import ConfigError
@@ -166,7 +167,6 @@ def _attrs(node) -> dict:
 
 def _resolve_weights(graph) -> dict[str, np.ndarray]:
     """Every initializer, plus the float output of each DequantizeLinear/Reshape feeding the layers."""
-    from onnx import numpy_helper
 
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for node in graph.node:
