@@ -20,6 +20,7 @@ from fromface.evaluation.metrics import (
     tar_at_far,
     verification_metrics,
 )
+from fromface.inference.decision import accepts
 
 
 def test_candidate_thresholds_and_accuracy():
@@ -84,7 +85,7 @@ def test_roc_curve_and_auc_hand_case():
     fpr, tpr, thr = roc_curve(s, y)
     assert np.allclose(fpr, [0, 0, 0.5, 0.5, 1.0])
     assert np.allclose(tpr, [0, 0.5, 0.5, 1.0, 1.0])
-    assert thr[0] == np.inf
+    assert np.allclose(thr, [0.9, 0.8, 0.7, 0.6, 0.6 - 1e-6])
     # Mann-Whitney: positive beats negative in 3 of 4 comparisons
     assert roc_auc(s, y) == pytest.approx(0.75)
 
@@ -113,7 +114,9 @@ def test_eer_exact_and_interpolated():
     # desc: .9P .7N .6N .5P .1N: FNR-FPR goes from +1/6 (FPR 1/3) to -1/6 (FPR 2/3): crossing at FPR 0.5
     eer, t = equal_error_rate([0.9, 0.5, 0.7, 0.6, 0.1], [True, True, False, False, False])
     assert eer == pytest.approx(0.5)
-    assert 0.6 > t > 0.5 or t == pytest.approx(0.65)
+    # ">" thresholds of the ROC points: .9 .7 .6 .5 .1 (.1 - 1e-6); the crossing lies half way between the
+    # points at thresholds .6 (FPR 1/3, FNR 1/2) and .5 (FPR 2/3, FNR 1/2)
+    assert t == pytest.approx(0.55)
 
 
 def test_tar_at_far_hand_case():
@@ -158,3 +161,72 @@ def test_cosine_scores():
     a = np.array([[1.0, 0.0], [1.0, 1.0]])
     b = np.array([[2.0, 0.0], [-1.0, -1.0]])
     assert np.allclose(cosine_scores(a, b), [1.0, -1.0])
+
+
+def _rates(s, y, t):
+    s, y = np.asarray(s), np.asarray(y)
+    accepted = accepts(s, t)
+    return accepted[~y].mean(), accepted[y].mean()
+
+
+def test_roc_thresholds_reproduce_every_point_under_the_one_rule():
+    s = [0.9, 0.8, 0.8, 0.7, 0.6, 0.6, 0.3]  # ties inside and across classes
+    y = [True, False, True, True, False, True, False]
+    fpr, tpr, thr = roc_curve(s, y)
+    assert np.allclose(thr, [0.9, 0.8, 0.7, 0.6, 0.3, 0.3 - 1e-6])
+    for i in range(len(thr)):
+        assert _rates(s, y, thr[i]) == pytest.approx((fpr[i], tpr[i]))
+
+
+def test_eer_threshold_exact_on_a_roc_point():
+    # desc: .9P .8N .7P .6N: after accepting .9 and .8 (score > .7), FPR = FNR = 1/2
+    eer, t = equal_error_rate([0.9, 0.8, 0.7, 0.6], [True, False, True, False])
+    assert (eer, t) == (pytest.approx(0.5), pytest.approx(0.7))
+    far, tar = _rates([0.9, 0.8, 0.7, 0.6], [True, False, True, False], t)
+    assert far == pytest.approx(1 - tar) == pytest.approx(0.5)
+
+
+def test_tar_at_far_ties_among_negatives_never_exceed_the_far():
+    pos, neg = [0.95, 0.6, 0.5, 0.3], [0.9, 0.5, 0.5, 0.1]
+    s, y = pos + neg, [True] * 4 + [False] * 4
+    one = tar_at_far(s, y, 0.25)  # one false accept allowed: threshold at the second-highest negative
+    assert (one["threshold"], one["achieved_far"], one["tar"]) == (0.5, 0.25, 0.5)
+    two = tar_at_far(s, y, 0.5)  # two allowed, but the 2nd and 3rd negatives tie: accepting one means both
+    assert (two["threshold"], two["achieved_far"], two["tar"]) == (0.5, 0.25, 0.5)
+    assert _rates(s, y, two["threshold"]) == (two["achieved_far"], two["tar"])
+
+
+def test_tar_at_far_of_one_or_more_accepts_everything():
+    s, y = [0.9, 0.2, 0.5, 0.1], [True, True, False, False]
+    for far in (1.0, 2.0):
+        out = tar_at_far(s, y, far)
+        assert out["threshold"] == pytest.approx(0.1 - 1e-6) and out["tar"] == 1.0 and out["achieved_far"] == 1.0
+
+
+def test_tar_at_far_without_positives_or_negatives_says_so():
+    for y in ([False, False, False], [True, True, True]):
+        out = tar_at_far([0.9, 0.5, 0.1], y, 0.5)
+        assert out["tar"] is None and out["threshold"] is None
+        assert out["note"] == "needs both positive and negative pairs"
+
+
+def test_one_rule_in_verify_and_gallery(tmp_path):
+    """A score exactly at the threshold is "different" in FaceRecognizer.verify and Gallery.identify alike, as in
+    the metrics that calibrated the threshold."""
+    from fromface.inference.gallery import Gallery, Template
+    from fromface.inference.recognizer import FaceRecognizer
+
+    rec = FaceRecognizer("mobilefacenet", fallback=True)
+    face = rec.embed(np.full((120, 120, 3), 90, np.uint8))[0]
+    other = rec.embed(np.tile(np.linspace(0, 255, 120, dtype=np.uint8)[:, None, None], (1, 120, 3)))[0]
+    score = float(np.dot(face.embedding, other.embedding))
+    at = FaceRecognizer(rec.torch_model, fallback=True, threshold=score)
+    below = FaceRecognizer(rec.torch_model, fallback=True, threshold=np.nextafter(score, -1))
+    assert not at.verify(face, other).same and below.verify(face, other).same
+    with Gallery(tmp_path / "g.db", recognizer=rec) as gallery:
+        gallery.enroll_templates("x", [Template(other.embedding, occluded=False)])
+        stored = gallery.identify(face)[0].score  # the gallery scores float32 templates: its own number
+        gallery.recognizer = FaceRecognizer(rec.torch_model, fallback=True, threshold=stored)
+        assert not gallery.identify(face)[0].same
+        gallery.recognizer = FaceRecognizer(rec.torch_model, fallback=True, threshold=np.nextafter(stored, -1))
+        assert gallery.identify(face)[0].same

@@ -5,8 +5,9 @@
 * ROC AUC, EER and TAR at a given FAR over all pairs. A FAR below ``1 / #negatives`` cannot be measured
   (no threshold admits a fraction of one false accept); we say so instead of quietly reporting TAR at FAR 0.
 
-Scores are "higher means more alike" (cosine similarity, or minus a distance). A pair is predicted
-"same" when its score is strictly above the threshold.
+Scores are "higher means more alike" (cosine similarity, or minus a distance). One convention everywhere a
+threshold is applied (these metrics, the calibrated thresholds shipped with a model, ``FaceRecognizer.verify`` and
+``Gallery.identify``): a pair is "same" when its score is strictly above the threshold, :func:`accepts`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import numpy as np
 
 from fromface.errors import DataError
+from fromface.inference.decision import accepts
 
 DEFAULT_FARS = (1e-2, 1e-3)
 
@@ -90,7 +92,7 @@ def kfold_accuracy(scores, same, folds=None, n_folds: int = 10) -> dict:
         if not train.any():
             raise DataError("k-fold accuracy needs at least two folds")
         t = best_threshold(s[train], y[train])
-        accs.append(float(np.mean((s[test] > t) == y[test])))
+        accs.append(float(np.mean(accepts(s[test], t) == y[test])))
         thresholds.append(t)
     return {
         "accuracy_mean": float(np.mean(accs)),
@@ -103,7 +105,11 @@ def kfold_accuracy(scores, same, folds=None, n_folds: int = 10) -> dict:
 
 
 def roc_curve(scores, same) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(FPR, TPR, thresholds) from the strictest threshold (nothing accepted) to the loosest (all accepted)."""
+    """(FPR, TPR, thresholds) from the strictest threshold (nothing accepted) to the loosest (all accepted).
+
+    ``accepts(score, thresholds[i])`` gives exactly the rates at point i: the first threshold is the highest score,
+    each next one the next lower distinct score, and the last lies just below the lowest score.
+    """
     s, y = _arrays(scores, same)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
@@ -115,7 +121,8 @@ def roc_curve(scores, same) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     fp = np.cumsum(~y_sorted)[last_of_run]
     tpr = np.r_[0.0, tp / n_pos]
     fpr = np.r_[0.0, fp / n_neg]
-    thresholds = np.r_[np.inf, s_sorted[last_of_run]]  # accept score >= threshold
+    distinct = s_sorted[last_of_run]
+    thresholds = np.r_[distinct, distinct[-1] - 1e-6]
     return fpr, tpr, thresholds
 
 
@@ -135,8 +142,7 @@ def equal_error_rate(scores, same) -> tuple[float, float]:
         return float(fpr[i]), float(thr[i])
     w = diff[i - 1] / (diff[i - 1] - diff[i])
     eer = fpr[i - 1] + w * (fpr[i] - fpr[i - 1])
-    t_prev = thr[i - 1] if np.isfinite(thr[i - 1]) else thr[i]
-    return float(eer), float(t_prev + w * (thr[i] - t_prev))
+    return float(eer), float(thr[i - 1] + w * (thr[i] - thr[i - 1]))
 
 
 def far_label(far: float) -> str:
@@ -164,8 +170,8 @@ def tar_at_far(scores, same, far: float) -> dict:
                        f"is 1/{n_neg} = {1.0 / n_neg:.2g}); not reported")
         return out
     threshold = float(neg[allowed]) if allowed < n_neg else float(neg[-1]) - 1e-6
-    out.update(tar=float(np.mean(pos > threshold)), threshold=threshold,
-               achieved_far=float(np.mean(neg > threshold)))
+    out.update(tar=float(np.mean(accepts(pos, threshold))), threshold=threshold,
+               achieved_far=float(np.mean(accepts(neg, threshold))))
     return out
 
 

@@ -31,6 +31,7 @@ from PIL import Image
 
 from fromface.data.images import describe_source
 from fromface.errors import AlreadyEnrolledError, ConfigError, DataError, ImageError
+from fromface.inference.decision import accepts
 from fromface.inference.recognizer import FaceEmbedding, FaceRecognizer
 
 SCHEMA_VERSION = 2  # 2: templates.digest (sha256 of the enrolled image), so the same image is never enrolled twice
@@ -264,7 +265,6 @@ class Gallery:
     def recognizer(self):
         """The FaceRecognizer used to embed images (built on first use from the gallery's registered model)."""
         if self._recognizer is None:
-
             self._recognizer = FaceRecognizer(self.model_spec())
         return self._recognizer
 
@@ -564,7 +564,6 @@ class Gallery:
     def identify(self, image: Any, top_k: int = 5) -> list[Match]:
         """The ``top_k`` enrolled identities closest to the (largest) face in ``image``, each marked ``same`` by
         the recognizer's threshold for that probe/template occlusion condition."""
-
         recognizer = self.recognizer  # checked against the gallery's model when it was set or built
         face = image if isinstance(image, FaceEmbedding) else recognizer.embed(image)[0]
         matches = self.search(face.embedding, top_k)
@@ -572,7 +571,7 @@ class Gallery:
             known = face.occluded is not None or m.template_occluded is not None
             occluded = bool(face.occluded or m.template_occluded)
             m.threshold, m.condition, _ = recognizer.condition_threshold(occluded, known)
-            m.same = m.score >= m.threshold
+            m.same = accepts(m.score, m.threshold)
         return matches
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from fromface.data.images import ImageSource, describe_source, load_image
 from fromface.errors import ConfigError, FromfaceError
 from fromface.faces.aligner import FaceAligner
+from fromface.inference.decision import accepts
 from fromface.occlusion.patterns import PatternVocabulary, num_patterns
 
 #: Cosine threshold used when the model has no calibrated thresholds (``reason="uncalibrated"``). 0.35 is a
@@ -244,4 +245,4 @@ class FaceRecognizer:
         fa, fb = (x if isinstance(x, FaceEmbedding) else next(embedded)[0] for x in (a, b))
         score = float(np.dot(fa.embedding, fb.embedding))
         threshold, condition, reason = self.threshold_for(fa, fb)
-        return Verification(score >= threshold, score, threshold, condition, reason, faces=(fa, fb))
+        return Verification(bool(accepts(score, threshold)), score, threshold, condition, reason, faces=(fa, fb))
