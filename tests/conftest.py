@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,9 @@ LFW_IMAGES = SHARED_DATA / "lfw" / "images"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Hermetic: converted weights and exported models go to a folder of this run (inherited by the `fromface`
+    # subprocesses tests start), never to the user's ~/.cache/fromface.
+    os.environ["FROMFACE_CACHE"] = tempfile.mkdtemp(prefix="fromface-test-cache-")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "data(*paths): needs these files or folders under ../shared/data")
 
@@ -31,3 +36,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{why}: shared data is part of the CI set-up, so this data test may not skip")
         pytest.skip(why)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cache = os.environ.get("FROMFACE_CACHE", "")
+    if Path(cache).name.startswith("fromface-test-cache-"):
+        shutil.rmtree(cache, ignore_errors=True)

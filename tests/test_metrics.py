@@ -197,7 +197,7 @@ def test_tar_at_far_ties_among_negatives_never_exceed_the_far():
 
 
 def test_tar_at_far_of_one_or_more_accepts_everything():
-    s, y = [0.9, 0.2, 0.5, 0.1], [True, True, False, False]
+    s, y = [0.9, 0.2, 0.5, 0.3, 0.1], [True, True, False, False, False]
     for far in (1.0, 2.0):
         out = tar_at_far(s, y, far)
         assert out["threshold"] == pytest.approx(0.1 - 1e-6) and out["tar"] == 1.0 and out["achieved_far"] == 1.0
@@ -230,3 +230,42 @@ def test_one_rule_in_verify_and_gallery(tmp_path):
         assert not gallery.identify(face)[0].same
         gallery.recognizer = FaceRecognizer(rec.torch_model, fallback=True, threshold=np.nextafter(stored, -1))
         assert gallery.identify(face)[0].same
+
+
+def test_folds_fall_back_to_contiguous_and_are_capped_by_either_class():
+    same = np.array([True] * 4 + [False] * 4)
+    assert list(assign_folds(same, 2, [0, 1, 0, -1, 0, 1, 0, 1])) == [0, 0, 1, 1, 0, 0, 1, 1]  # one -1: not a fold list
+    assert list(assign_folds(same, 2, [3] * 8)) == [0, 0, 1, 1, 0, 0, 1, 1]  # a single fold is not a split
+    assert assign_folds(np.array([True, True, False, False, False, False, False]), 10).max() == 1  # 2 positives
+    with pytest.raises(DataError, match="8 fold labels for 7 pairs"):
+        assign_folds(np.ones(7, bool), 2, np.zeros(8))
+    with pytest.raises(DataError, match="at least two positive and two negative pairs"):
+        assign_folds(np.array([True, False, False]), 10)
+
+
+def test_inputs_are_checked_with_clear_messages():
+    with pytest.raises(DataError, match="^3 scores but 2 labels$"):
+        kfold_accuracy([0.1, 0.2, 0.3], [True, False])
+    with pytest.raises(DataError, match="^scores contain NaN or infinite values$"):
+        roc_curve([0.1, np.inf], [True, False])
+    for one_class in ([True, True], [False, False]):
+        with pytest.raises(DataError, match="^a ROC curve needs both positive and negative pairs$"):
+            roc_curve([0.1, 0.2], one_class)
+
+
+def test_verification_metrics_counts_folds_and_one_class_sets():
+    s = [0.9, 0.8, 0.7, 0.2, 0.6, 0.3, 0.1]
+    y = [True, True, True, True, False, False, False]
+    m = verification_metrics(s, y, folds=[0, 1, 0, 1, 0, 1, 0], n_folds=2, fars=(0.5,))
+    assert (m["n_pairs"], m["n_positive"], m["n_negative"]) == (7, 4, 3)
+    assert m["folds_from"] == "list" and m["n_folds"] == 2
+    assert m["eer_threshold"] == equal_error_rate(s, y)[1] and set(m["tar_at_far"]) == {"0.5"}
+    only_same = verification_metrics([0.9, 0.8, 0.7], [True, True, True])
+    assert "auc" not in only_same and "eer" not in only_same and "tar_at_far" not in only_same
+    assert only_same["accuracy_note"] == "k-fold accuracy needs at least two positive and two negative pairs"
+
+
+def test_cosine_scores_of_short_vectors():
+    a = np.array([[0.1, 0.0], [0.0, 0.01]])
+    b = np.array([[0.05, 0.05], [0.0, -0.02]])
+    assert np.allclose(cosine_scores(a, b), [np.sqrt(0.5), -1.0])
