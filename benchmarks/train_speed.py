@@ -19,18 +19,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fromface.models import create_model, get_spec
+from fromface.training.config import load_config
+from fromface.training.loss import FromLoss
+from fromface.training.pack import pack_folder
+from fromface.training.trainer import Trainer
 
 OCCLUDERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "occluders"
 
 
 def synthetic_pack(folder: Path, size: tuple[int, int], identities: int, per_id: int) -> Path:
     """An identity folder of smooth random faces, packed at ``size`` (no alignment needed)."""
-    import cv2
-
-    from fromface.training.pack import pack_folder
-
     rng = np.random.default_rng(0)
     src = folder / "faces"
     for i in range(identities):
@@ -44,16 +48,11 @@ def synthetic_pack(folder: Path, size: tuple[int, int], identities: int, per_id:
 
 def train_flops(config: str, overrides: list[str], batch: int = 2) -> dict:
     """FLOPs of one forward and of one training step (forward + loss + backward) per image, counted by torch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from fromface.models import create_model
-    from fromface.training.config import load_config
-    from fromface.training.loss import FromLoss
-
     cfg = load_config(config, overrides)
     model = create_model(cfg.model.name, **cfg.model.kwargs).train()
-    loss = FromLoss(model.embedding_dim, 1000, cfg.loss.margin, cfg.loss.scale, cfg.loss.margin_value,
-                    cfg.loss.pattern_weight)
+    # the margin and pattern terms only (what a training step of the paper's recipe computes), 1000 identities
+    loss = FromLoss(model.embedding_dim, 1000, margin=cfg.loss.margin, scale=cfg.loss.scale,
+                    margin_value=cfg.loss.margin_value, pattern_weight=cfg.loss.pattern_weight)
     h, w = model.preprocess.size
     x = torch.randn(batch, 3, h, w)
     labels = torch.zeros(batch, dtype=torch.long)
@@ -68,10 +67,6 @@ def train_flops(config: str, overrides: list[str], batch: int = 2) -> dict:
 
 
 def measure(config: str, overrides: list[str], batch: int, steps: int, warmup: int, threads: int) -> dict:
-    from fromface.models import get_spec
-    from fromface.training.config import load_config
-    from fromface.training.trainer import Trainer
-
     torch.set_num_threads(threads)
     base = load_config(config, overrides)
     size = get_spec(base.model.name).preprocess.size
@@ -93,7 +88,7 @@ def measure(config: str, overrides: list[str], batch: int, steps: int, warmup: i
             t0 = time.perf_counter()
             batch_data = next(loader)
             t1 = time.perf_counter()
-            trainer.train_step(*batch_data)
+            trainer.train_step(batch_data)
             t2 = time.perf_counter()
             if i >= warmup:
                 data_times.append(t1 - t0)

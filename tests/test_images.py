@@ -167,3 +167,24 @@ def test_truncated_file_rejected_even_when_pillow_is_lenient(tmp_path, monkeypat
     with pytest.raises(ImageError, match="truncated or corrupt"):
         load_image(cut)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is restored
+
+
+@pytest.mark.parametrize("mode,fmt", [("P", "GIF"), ("1", "PNG"), ("LA", "PNG"), ("RGB", "BMP"), ("RGB", "TIFF"),
+                                      ("LAB", "TIFF"), ("F", "TIFF"), ("I;16", "TIFF"), ("CMYK", "TIFF"),
+                                      ("RGBA", "WEBP"), ("RGB", "PPM"), ("RGB", "TGA"), ("RGB", "PCX"), ("RGB", "SGI"),
+                                      ("RGB", "ICO"), ("RGBA", "QOI"), ("L", "SPIDER")])
+def test_every_mode_and_format_pillow_writes_becomes_rgb(mode: str, fmt: str):
+    """The loader's contract for whatever Pillow can open: (H, W, 3) uint8, the size of the file's image."""
+    rgb = Image.fromarray(np.random.default_rng(3).integers(0, 256, (7, 9, 3), dtype=np.uint8))
+    try:
+        data = _encode(rgb.convert(mode), fmt)
+    except (OSError, KeyError, ValueError):
+        pytest.skip(f"this Pillow cannot write {mode} as {fmt}")
+    _check_rgb(load_image(data), (7, 9) if fmt != "ICO" else Image.open(io.BytesIO(data)).size[::-1])
+
+
+@pytest.mark.parametrize("width,height", [(8001, 8000), (65535, 65535), (2**31 - 1, 1), (1, 2**31 - 1)])
+def test_huge_declared_sizes_refused_from_the_header(width: int, height: int):
+    with pytest.raises(ImageError, match="over the limit|decompression bomb") as err:
+        load_image(_png_header_only(width, height))
+    assert "\n" not in str(err.value)

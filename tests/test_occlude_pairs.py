@@ -14,6 +14,7 @@ from conftest import SHARED_DATA
 from fromface.cli.main import main
 from fromface.data.images import load_image
 from fromface.data.pairs import read_pairs
+from test_patterns import frame_label
 
 SHARED = SHARED_DATA
 HEADER = "file,category,kind,source,licence\n"
@@ -138,3 +139,26 @@ def test_mfr2_format_pairs(setup: dict) -> None:
     assert [p.same for p in pairs] == [True, False]
     assert [p.path2.name for p in pairs] == ["Ann_Lee_0002.png", "Bo_Ma_0002.png"]
     assert pairs[0].path1.resolve() == (root / "Ann_Lee" / "Ann_Lee_0001.png").resolve()
+
+
+@pytest.mark.parametrize("preset,grid", [("paper2", "5"), ("paper", "3")])
+def test_manifest_pattern_label_is_argmax_iou_of_the_recorded_box(setup: dict, preset: str, grid: str) -> None:
+    """``box`` occluders paste their whole rectangle, so the recorded box is the mask: its label, recomputed by brute
+    force on the face frame (resized to 112x96, nearest), must be the manifest's ``pattern_label``."""
+    out = setup["tmp"] / f"labels_{preset}"
+    assert _run(setup, out, "--both", "--preset", preset, "--categories", "cup", "--grid", grid) == 0
+    rows = list(csv.DictReader(open(out / "manifest.csv", encoding="utf-8")))
+    assert len(rows) == 6
+    labels = set()
+    for r in rows:
+        assert r["kind"] == "box" and r["grid"] == grid
+        original = load_image(setup["root"] / r["source"])
+        changed = (load_image(out / r["output"]) != original).any(axis=2)
+        x0, y0, x1, y1 = (int(v) for v in r["box"].split())
+        mask = np.zeros(original.shape[:2], bool)
+        mask[y0:y1, x0:x1] = True
+        assert changed.any() and not (changed & ~mask).any()  # the recorded box is where the occluder went
+        frame = tuple(int(v) for v in r["frame"].split())
+        assert r["pattern_label"] == str(frame_label(mask, frame, original.shape, int(grid))), r
+        labels.add(r["pattern_label"])
+    assert len(labels) >= 3  # not one constant label

@@ -13,6 +13,7 @@ from fromface.errors import ConfigError, DataError, ImageError
 from fromface.occlusion.occluders import OccluderLibrary, read_anchor_config
 from fromface.occlusion.patterns import PatternVocabulary
 from fromface.occlusion.synth import PRESETS, Synthesizer, box_label, rng_for
+from test_patterns import frame_label, nearest_resize
 
 SHARED = SHARED_DATA
 HEADER = "file,category,kind,source,licence\n"
@@ -252,3 +253,81 @@ def test_unseen_occluder_tool_writes_a_library_the_face_preset_uses(tmp_path: Pa
         res = synth.occlude(face, rng_for(3, i), landmarks=LANDMARKS)
         assert res.record["placement"] == "anywhere"
         assert 0.2 <= res.covered_fraction <= 0.35, res.record
+
+
+# --- The pattern label the synthesiser writes, recomputed by brute force on the face frame -----------------------
+
+def test_nearest_rule_is_opencvs() -> None:
+    import cv2
+
+    rng = np.random.default_rng(4)
+    for src_h, src_w in [(72, 36), (136, 144), (110, 80), (125, 125), (7, 300)]:
+        mask = rng.random((src_h, src_w)) < 0.5
+        for h, w in [(112, 96), (112, 112)]:
+            ref = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+            assert np.array_equal(nearest_resize(mask, h, w), ref)
+
+
+@pytest.mark.parametrize("preset,grid", [("paper", 5), ("face", 4)])
+def test_label_on_an_aligned_crop_is_brute_force_argmax_iou(occ_folder: Path, face: np.ndarray, preset: str,
+                                                           grid: int) -> None:
+    """Whole-image frame (an aligned 112x96 crop): the label is computed at the crop's own resolution."""
+    synth = Synthesizer(OccluderLibrary.from_folder(occ_folder), preset=preset, grid=grid, clean_prob=0.0)
+    at_border = 0
+    for i in range(40):
+        res = synth.occlude(face, rng_for(21, i), landmarks=LANDMARKS)
+        assert res.record["frame"] == [0, 0, 96, 112]
+        assert res.pattern_label == frame_label(res.mask, (0, 0, 96, 112), face.shape, grid), (i, res.record)
+        edge = res.mask[0].any() or res.mask[-1].any() or res.mask[:, 0].any() or res.mask[:, -1].any()
+        at_border += bool(edge)
+    assert at_border >= 5  # occluders clipped by the image edge are among the cases checked
+
+
+@pytest.mark.parametrize("label_size", [(112, 96), (112, 112)])
+def test_label_on_a_photo_uses_the_face_frame(occ_folder: Path, label_size: tuple[int, int]) -> None:
+    """Original photo with a face box: only the mask inside the frame counts, resized to the label size."""
+    photo = np.random.default_rng(0).integers(0, 255, (150, 170, 3), dtype=np.uint8)
+    lib = OccluderLibrary.from_folder(occ_folder)
+    synth = Synthesizer(lib, preset="paper", grid=5, clean_prob=0.0, label_size=label_size)
+    boxes = {  # face box -> the frame it must give: inside the photo, and past its top-left and bottom-right edges
+        (40.0, 30.0, 120.0, 130.0): (40, 30, 120, 130),
+        (-20.5, -10.2, 60.0, 70.0): (0, 0, 60, 70),
+        (100.3, 80.7, 190.0, 171.0): (100, 80, 170, 150),
+    }
+    past_frame = past_image = 0
+    for n, (face_box, frame) in enumerate(boxes.items()):
+        for i in range(25):
+            res = synth.occlude(photo, rng_for(8, n, i), face_box=np.array(face_box))
+            assert tuple(res.record["frame"]) == frame
+            x0, y0, x1, y1 = frame
+            assert res.covered_fraction == pytest.approx(res.mask[y0:y1, x0:x1].mean())
+            assert res.pattern_label == frame_label(res.mask, frame, photo.shape, 5, label_size), (n, i)
+            px0, py0, px1, py1 = res.record["pasted_box"]
+            past_frame += px0 < x0 or py0 < y0 or px1 > x1 or py1 > y1
+            past_image += px0 < 0 or py0 < 0 or px1 > photo.shape[1] or py1 > photo.shape[0]
+    assert past_frame >= 10 and past_image >= 5  # occluders cut by the frame and by the image edge were checked
+
+
+def test_label_ignores_the_mask_outside_the_frame(occ_folder: Path) -> None:
+    """A box pasted half outside the frame: the label is the pattern of the part inside, not of the whole box."""
+    photo = np.full((200, 200, 3), 128, np.uint8)
+    synth = Synthesizer(OccluderLibrary.from_folder(occ_folder, categories=["cup"]), preset="paper", grid=3,
+                        clean_prob=0.0, factors=(5.0,), label_size=(30, 30))
+    frame = (50, 50, 150, 150)
+    seen_outside = 0
+    for i in range(30):
+        res = synth.occlude(photo, rng_for(1, i), face_box=np.array(frame, float))
+        inside = res.mask[50:150, 50:150]
+        if inside.sum() < res.mask.sum():
+            seen_outside += 1
+        assert res.pattern_label == frame_label(res.mask, frame, photo.shape, 3, (30, 30))
+        if not inside.any():
+            assert res.pattern_label == 0
+            continue
+        # the 100-pixel frame maps onto the 30-pixel label crop at 10/3 pixels per label pixel: the label's box
+        # drawn back onto the frame overlaps the mask inside it
+        top, left, bottom, right = PatternVocabulary(30, 30, 3).boxes[res.pattern_label]
+        back = np.zeros((100, 100), bool)
+        back[top * 10 // 3:bottom * 10 // 3 + 1, left * 10 // 3:right * 10 // 3 + 1] = True
+        assert (back & inside).any()
+    assert seen_outside >= 10

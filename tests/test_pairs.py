@@ -134,3 +134,37 @@ def test_official_lfw_pairs():
     assert all(sum(p.same for p in pairs if p.fold == f) == 300 for f in range(10))
     assert len(pair_images(pairs)) == 7701
     assert pairs[0].path1.exists()
+
+
+def test_writer_refuses_or_protects_paths_the_reader_would_misread(tmp_path: Path) -> None:
+    """Found by the round-trip property (test_properties.py): paths the reader took for a comment or an LFW name
+    were written as they were; paths with a line break or white space at an end are refused."""
+    tricky = [Pair(tmp_path / "#hash.jpg", tmp_path / "12", True, 0), Pair(tmp_path / "x", tmp_path / "7", False, 1),
+              Pair(tmp_path / "\ufeffbom.png", tmp_path / "sp ace.png", True, 0)]
+    written = write_pairs_tsv(tricky, tmp_path / "pairs.tsv", relative_to=tmp_path)
+    assert written.read_text(encoding="utf-8").splitlines()[0] == "./#hash.jpg\t./12\t1\t0"
+    assert read_pairs(written) == tricky
+    for bad in ("a\u2028b.jpg", "a\rb.jpg", "trailing.jpg ", " leading.jpg"):
+        with pytest.raises(DataError, match="cannot be written") as err:
+            write_pairs_tsv([Pair(tmp_path / bad, tmp_path / "b.jpg", True)], tmp_path / "bad.tsv",
+                            relative_to=tmp_path)
+        assert "\n" not in str(err.value) and "\r" not in str(err.value)
+
+
+@pytest.mark.parametrize("field", ["²", "١٢", "++1", "+-1", "1²"])
+def test_non_ascii_or_doubly_signed_numbers_are_data_errors(tmp_path: Path, field: str) -> None:
+    """Found by the malformed-line property (test_properties.py): str.isdigit() accepts '²', which int() then
+    refused with a ValueError instead of a DataError naming the line; non-ASCII digits are now refused too."""
+    for text, fmt in ((f"a.jpg\tb.jpg\t1\t{field}\n", "tsv"), (f"Ann\t1\t{field}\n", "mfr2"),
+                      (f"1\t1\nAnn\t{field}\t2\nBob\t1\tCid\t2\n", "lfw")):
+        path = _write(tmp_path, "p.txt", text)
+        with pytest.raises(DataError, match=r"p.txt: line \d"):
+            read_pairs(path, format=fmt)
+
+
+def test_mixed_folds_are_written_and_read_back(tmp_path):
+    """A list where only some pairs have a fold keeps them: the others get an empty fold field (fold -1)."""
+    pairs = [Pair(tmp_path / "a.jpg", tmp_path / "b.jpg", True, 3), Pair(tmp_path / "c.jpg", tmp_path / "d.jpg", False)]
+    out = write_pairs_tsv(pairs, tmp_path / "p.tsv", relative_to=tmp_path)
+    assert out.read_text() == "a.jpg\tb.jpg\t1\t3\nc.jpg\td.jpg\t0\t\n"
+    assert read_pairs(out) == pairs

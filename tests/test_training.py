@@ -82,9 +82,9 @@ def faces(tmp_path_factory) -> Path:
 def test_losses_finite_and_decrease_on_repeated_batch(faces, tmp_path):
     trainer = Trainer(tiny_config(faces, tmp_path), progress=False)
     batch = next(iter(trainer.loader(0, 0)))
-    assert batch[0].shape == (6, 3, 32, 32)
+    assert batch.images.shape == (6, 3, 32, 32) and batch.maps is None
     trainer.set_train_mode()
-    history = [trainer.train_step(*batch) for _ in range(8)]
+    history = [trainer.train_step(batch) for _ in range(8)]
     assert all(np.isfinite(h[k]) for h in history for k in h)
     assert {"margin", "pattern", "total"} <= set(history[0])
     assert history[-1]["total"] < history[0]["total"]
@@ -133,7 +133,7 @@ def test_checkpoint_and_exact_resume(faces, tmp_path):
     from fromface.evaluation.embedders import load_embedder  # the evaluation engineer's loader reads our format
 
     embedder = load_embedder(str(tmp_path / "full" / "checkpoints" / "best.pt"))
-    assert embedder.model.model_name == f"from_{TINY}"
+    assert embedder.model.name == f"from_{TINY}"
 
 
 def test_batches_do_not_depend_on_loader_workers(faces, tmp_path):
@@ -143,7 +143,8 @@ def test_batches_do_not_depend_on_loader_workers(faces, tmp_path):
     parallel = list(trainer.loader(1, 0))
     assert len(serial) == len(parallel) == trainer.steps_per_epoch
     for a, b in zip(serial, parallel):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        for name in ("images", "labels", "patterns"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 def _ddp_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
@@ -195,18 +196,30 @@ def test_pack_round_trip_and_training_from_pack(faces, tmp_path):
     assert np.array_equal(np.asarray(parallel.images), np.asarray(pack.images)) and parallel.skipped == pack.skipped
     blob = pickle.dumps(pack)  # what a spawned loader worker receives: the index, not the pixels
     assert len(blob) < pack.images.nbytes and np.array_equal(pickle.loads(blob).image(5), pack.image(5))
-    folder = open_faces(src, "folder", (32, 32), "arcface112")
+    folder = open_faces(src, fmt="folder", size=(32, 32), template="arcface112")
     for row in (1, 4, 11):  # the pack's rows are the folder's images, decoded and resized the same way
         assert np.array_equal(folder.image(folder.files.index(src / pack.files[row])), pack.image(row))
-    assert open_faces(tmp_path / "pack", "auto", (32, 32), "arcface112").__class__ is PackedFaces
+    assert open_faces(tmp_path / "pack", size=(32, 32), template="arcface112").__class__ is PackedFaces
     broken = folder.files.index(src / "person_00" / "broken.jpg")
     with pytest.raises(DataError, match="broken.jpg: not a recognised image format.*fromface pack"):
         folder.image(broken)
     with pytest.raises(DataError, match="64x64"):
-        open_faces(tmp_path / "pack", "auto", (64, 64), "arcface112")
+        open_faces(tmp_path / "pack", size=(64, 64), template="arcface112")
     packed = pack_folder(faces, tmp_path / "train_pack", (32, 32), progress=False)
     trainer = Trainer(tiny_config(packed, tmp_path / "run", schedule={"max_steps": 2}), progress=False)
     assert trainer.fit()["step"] == 2
+
+
+def test_heic_photos_are_listed_and_skipped_with_how_to_convert_them(tmp_path):
+    src = make_faces(tmp_path / "src", identities=2, per_id=2)
+    (src / "person_01" / "phone.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(16))  # an iPhone photo
+    assert "phone.HEIC" in {p.name for p in scan_identity_folder(src).files}  # listed like the other scans list it
+    pack = PackedFaces(pack_folder(src, tmp_path / "pack", (32, 32), progress=False))
+    assert len(pack) == 4 and pack.skipped[0][0] == "person_01/phone.HEIC"
+    assert "convert it to JPEG" in pack.skipped[0][1]
+    folder = open_faces(src, fmt="folder", size=(32, 32))
+    with pytest.raises(DataError, match="HEIC/HEIF images are not supported.*fromface pack"):
+        folder.image(folder.files.index(src / "person_01" / "phone.HEIC"))
 
 
 def test_bad_datasets_give_clear_errors(tmp_path):
@@ -291,12 +304,14 @@ def test_schedules_split_sampler_and_pairs():
     assert len(capped) == 24 and capped[:, 2].sum() == 12
     assert all((labels[a] == labels[b]) == bool(s) for a, b, s in pairs)
 
-    full = [i for batch in EpochBatches(60, 12, 0, 1, 0, 2) for i, _ in batch]
-    ranks = [[i for batch in EpochBatches(60, 12, r, 2, 0, 2) for i, _ in batch] for r in range(2)]
+    full = [i for batch in EpochBatches(60, batch_size=12, seed=0, epoch=2) for i, _ in batch]
+    ranks = [[i for batch in EpochBatches(60, batch_size=12, seed=0, epoch=2, rank=r, world=2) for i, _ in batch]
+             for r in range(2)]
     assert sorted(ranks[0] + ranks[1]) == sorted(full) and not set(ranks[0]) & set(ranks[1])
-    assert [b for b in EpochBatches(60, 12, 0, 1, 0, 2, start=3)] == list(EpochBatches(60, 12, 0, 1, 0, 2))[3:]
+    assert [b for b in EpochBatches(60, batch_size=12, seed=0, epoch=2, start=3)] == list(
+        EpochBatches(60, batch_size=12, seed=0, epoch=2))[3:]
     with pytest.raises(ConfigError, match="divisible"):
-        EpochBatches(60, 12, 0, 5, 0, 0)
+        EpochBatches(60, batch_size=12, seed=0, epoch=0, world=5)
 
 
 def test_cli_train_print_config_and_errors(faces, tmp_path, capsys):
@@ -328,16 +343,17 @@ def test_consistency_term_pulls_toward_a_frozen_teacher(faces, tmp_path):
     trainer = Trainer(tiny_config(faces, tmp_path, loss={"consistency_weight": 1.0}), progress=False)
     teacher_before = {k: v.clone() for k, v in trainer.task.teacher.state_dict().items()}
     batch = next(iter(trainer.loader(0, 0)))
-    assert len(batch) == 5 and batch[3].shape == batch[0].shape  # the clean twin of every image, and its key
+    assert batch.clean.shape == batch.images.shape and batch.keys.shape == (6,)  # every image's clean twin, its key
     trainer.set_train_mode()
-    parts = [trainer.train_step(*batch) for _ in range(3)]
+    parts = [trainer.train_step(batch) for _ in range(3)]
     assert all(np.isfinite(p["consistency"]) for p in parts) and parts[0]["consistency"] > 0
     for k, v in trainer.task.teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k]), k  # frozen, BN statistics included
 
     cached = Trainer(tiny_config(faces, tmp_path / "cached", loss={"consistency_weight": 1.0,
                                                                    "consistency_cache": True}), progress=False)
-    images, labels, patterns, clean, keys = next(iter(cached.loader(0, 0)))
+    batch = next(iter(cached.loader(0, 0)))
+    clean, keys = batch.clean, batch.keys
     direct = cached.task.targets(clean, None)
     first = cached.task.targets(clean, keys)
     assert int(cached.task.cached.sum()) == len(set(keys.tolist()))
@@ -415,7 +431,7 @@ def test_channels_last_trains_the_same_model(faces, tmp_path):
         for module in trainer.model.modules():  # dropout masks follow memory order: switch it off to compare
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    a, b = base.train_step(*batch), nhwc.train_step(*batch)
+    a, b = base.train_step(batch), nhwc.train_step(batch)
     assert a["total"] == pytest.approx(b["total"], rel=1e-4)  # same seed, same weights, other memory layout
     after_a, after_b = base.model.state_dict(), nhwc.model.state_dict()
     assert all(torch.allclose(after_a[k].float(), after_b[k].float(), atol=1e-4) for k in after_a)
@@ -452,8 +468,8 @@ def test_stop_request_saves_a_checkpoint_and_resume_finishes(faces, tmp_path):
     trainer = Trainer(cfg, progress=False)
     step = trainer.train_step
 
-    def step_then_signal(*batch):
-        out = step(*batch)
+    def step_then_signal(batch):
+        out = step(batch)
         if trainer.step == 2:
             signal.raise_signal(signal.SIGINT)  # what Ctrl-C does: handled, training finishes this step
         return out
@@ -473,7 +489,7 @@ def test_gradient_accumulation_matches_the_whole_batch(faces, tmp_path):
     batch = next(iter(whole.loader(0, 0)))
     for trainer in (whole, split):
         trainer.task.eval()  # batch-norm on running statistics and no dropout: chunking must not matter
-    a, b = whole.train_step(*batch), split.train_step(*batch)
+    a, b = whole.train_step(batch), split.train_step(batch)
     assert a["total"] == pytest.approx(b["total"], rel=1e-5)
     after_a, after_b = whole.model.state_dict(), split.model.state_dict()
     assert all(torch.allclose(after_a[k].float(), after_b[k].float(), atol=1e-6) for k in after_a)
@@ -485,7 +501,6 @@ def test_gradient_accumulation_matches_the_whole_batch(faces, tmp_path):
 
 def test_training_on_stored_trunk_outputs(faces, tmp_path):
     """feature_cache_variants: lower trunk frozen and run once per stored version; the rest trains on its maps."""
-    from fromface.training.data import to_tensor
     from fromface.training.feature_cache import StoredFaces
 
     sections = {"data": {"feature_cache_variants": 2, "cache_dir": str(tmp_path / "cache")},
@@ -504,19 +519,21 @@ def test_training_on_stored_trunk_outputs(faces, tmp_path):
     v = (epoch + int(stored.offsets[i])) % stored.variants
     image, pattern, clean, _, _ = faces_ds.sample(i, v)
     p = trainer.preprocess
-    maps, label, stored_pattern, target, shift = stored[(i, epoch)]
+    item = stored[(i, epoch)]
+    maps, target, shift = item.maps, item.targets, item.shifts
+    assert item.images is None and item.clean is None
     model.eval()
     with torch.no_grad():
-        want = model.backbone.forward_until(to_tensor(image, p.mean, p.std)[None], model.mask_stage)[-1][0]
-        want_target = model(to_tensor(clean, p.mean, p.std)[None]).features[0]
-    assert len(maps) == 3 and torch.allclose(maps[-1], want, atol=2e-2, rtol=2e-3) and stored_pattern == pattern
-    assert torch.allclose(target, want_target, atol=1e-4) and label == int(trainer.split.train_labels[i])
+        want = model.backbone.forward_until(torch.from_numpy(p.to_input(image)), model.mask_stage)[-1][0]
+        want_target = model(torch.from_numpy(p.to_input(clean))).features[0]
+    assert len(maps) == 3 and torch.allclose(maps[-1], want, atol=2e-2, rtol=2e-3) and int(item.patterns) == pattern
+    assert torch.allclose(target, want_target, atol=1e-4) and int(item.labels) == int(trainer.split.train_labels[i])
     assert not shift.any()  # no re-alignment: every crop is where the clean alignment put it
-    assert stored[(i, epoch + 1)][2] == int(stored.patterns[i * 2 + (v + 1) % 2])  # the next epoch: other version
+    assert int(stored[(i, epoch + 1)].patterns) == int(stored.patterns[i * 2 + (v + 1) % 2])  # next epoch: the other
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.set_train_mode()
-    parts = [trainer.train_step(*next(iter_stored(trainer))) for _ in range(2)]
+    parts = [trainer.train_step(next(iter(trainer.loader(0, 0)))) for _ in range(2)]
     assert parts[0]["consistency"] > 0 and "pattern" in parts[0]
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
@@ -526,7 +543,7 @@ def test_training_on_stored_trunk_outputs(faces, tmp_path):
     assert list((tmp_path / "cache").glob("features-*")) == folders and len(again.dataset) == len(stored)
     other = Trainer(tiny_config(faces, tmp_path / "c", **{**sections, "occlusion": {"clean_prob": 0.9}}),
                     progress=False)
-    assert len(list((tmp_path / "cache").glob("features-*"))) == 2 and other.stored
+    assert len(list((tmp_path / "cache").glob("features-*"))) == 2 and isinstance(other.dataset, StoredFaces)
     from fromface.training.feature_cache import fingerprint, stored_outputs_key
 
     key = fingerprint(stored_outputs_key(again.cfg, again.model, len(again.dataset)))
@@ -541,14 +558,9 @@ def test_training_on_stored_trunk_outputs(faces, tmp_path):
 def trainer_faces(trainer):
     from fromface.training.data import TrainFaces
 
-    return TrainFaces(trainer.source, trainer.split.train_rows, trainer.split.train_labels, trainer.preprocess,
-                      trainer.cfg.seed, trainer.cfg.data.flip, trainer.occluder, trainer.cfg.occlusion.clean_prob,
-                      trainer.grid)
-
-
-def iter_stored(trainer):
-    for maps, labels, patterns, targets, shifts in trainer.loader(0, 0):
-        yield maps, labels, patterns, None, None, targets, shifts
+    return TrainFaces(trainer.source, trainer.split.train_rows, trainer.split.train_labels,
+                      preprocess=trainer.preprocess, seed=trainer.cfg.seed, flip=trainer.cfg.data.flip,
+                      occluder=trainer.occluder, clean_prob=trainer.cfg.occlusion.clean_prob, grid=trainer.grid)
 
 
 def test_from_without_mask_is_the_split_trunk():
@@ -642,7 +654,7 @@ def test_context_pack_and_realigned_occlusion(tmp_path):
     with pytest.raises(DataError, match="template's own size"):
         pack_folder(folder, tmp_path / "small", (32, 32), "arcface112", aligned=False, context=2.0)
 
-    synth = SynthesizerOccluder(str(SHARED / "occluders"), None, "face-train", "arcface112", (112, 112))
+    synth = SynthesizerOccluder(str(SHARED / "occluders"), size=(112, 112), preset="face-train", template="arcface112")
     occ = RealigningOccluder(synth, "arcface112", 2.0)
     canvas = wide.context_image(3)
     occluded = synth.synth.occlude(canvas, np.random.default_rng(5), face_box=occ.box, landmarks=occ.landmarks)
@@ -686,12 +698,13 @@ def test_context_pack_and_realigned_occlusion(tmp_path):
     [folder] = (tmp_path / "cache").glob("features-*")
     shifts = np.load(folder / "shifts.npy")
     assert np.abs(shifts).max() > 0.005 and not shifts[np.asarray(trainer.dataset.patterns) == 0].any()
-    os.remove(folder / "shifts.npy")  # a store made before shifts were stored: they are re-played exactly
-    Trainer(tiny_config(tmp_path / "wide", tmp_path / "run_align2", **stored), progress=False)
-    assert np.array_equal(np.load(folder / "shifts.npy"), shifts)
+    os.remove(folder / "shifts.npy")  # a store made before shifts were stored is refused, not patched
+    with pytest.raises(ConfigError, match="without landmark shifts.*delete the folder"):
+        Trainer(tiny_config(tmp_path / "wide", tmp_path / "run_align2", **stored), progress=False)
     trainer.set_train_mode()
-    batch = next(iter_stored(trainer))
-    parts = [trainer.train_step(*batch) for _ in range(6)]
+    batch = next(iter(trainer.loader(0, 0)))
+    assert batch.maps is not None and batch.shifts.shape == (6, 5, 2)
+    parts = [trainer.train_step(batch) for _ in range(6)]
     assert parts[0]["align"] > 0 and parts[-1]["align"] < parts[0]["align"]
 
 

@@ -25,7 +25,7 @@ from fromface.faces.aligner import FaceAligner
 from fromface.models import create_model
 from fromface.models.from_net import model_refiner
 from fromface.occlusion.patterns import pattern_boxes
-from fromface.training.data import SynthesizerOccluder, to_tensor
+from fromface.training.data import SynthesizerOccluder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -72,12 +72,13 @@ def main() -> None:
     for name, category in COLUMNS:
         occluded = photo
         if category is not None:
-            synth = SynthesizerOccluder(str(args.occluders), [category], "face", p.template, p.size).synth
+            synth = SynthesizerOccluder(str(args.occluders), size=p.size, categories=[category], preset="face",
+                                        template=p.template).synth
             occluded = synth.occlude(photo, np.random.default_rng([args.seed, len(top)]), face_box=face.box,
                                      landmarks=face.landmarks).image
         image = aligner.align_array(occluded)[0].crop
         with torch.no_grad():
-            out = model(to_tensor(image, p.mean, p.std, p.channel_order)[None])
+            out = model(torch.from_numpy(p.to_input(image)))
         mask = out.mask[0].mean(0).numpy()
         pattern = int(out.pattern_logits[0].argmax())
         top.append(_tile(image, name))

@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import save_file
 
 from fromface.data.files import file_sha256
+from fromface.models.checkpoint import load_model, read_checkpoint
 from fromface.models.pretrained import HERE
-from fromface.training.checkpoint import load_model, read_checkpoint
 from fromface.training.config import config_from_dict
 from fromface.training.data import PlainFaces, split_by_identity
-from fromface.training.pack import open_faces
+from fromface.training.pack import open_training_faces
 from fromface.training.task import build_occluder
 from fromface.training.validate import embed, refining
 
@@ -56,8 +56,7 @@ def cross_scores(emb_a: np.ndarray, emb_b: np.ndarray, labels: np.ndarray, keep:
 
 def calibrate(model: torch.nn.Module, cfg) -> dict:
     p = model.preprocess
-    source = open_faces(cfg.data.train, cfg.data.format, p.size, p.template, cfg.data.aligned, cfg.data.align_fallback,
-                        cfg.data.cache_dir or str(Path(cfg.output_dir) / "cache"), cfg.data.min_images, False)
+    source = open_training_faces(cfg, p, progress=False)
     split = split_by_identity(source.labels, cfg.data.val_identities, cfg.seed)
     rows, labels = split.val_rows, split.val_labels
     device = torch.device("cpu")

@@ -9,15 +9,13 @@ selected on. Model arguments are registered names (``name`` or ``name:tag``) or 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from fromface.models import create_model
-from fromface.training.checkpoint import load_model
+from fromface.inference.face_model import load_face_model
 from fromface.training.config import load_config
 from fromface.training.data import make_pairs, split_by_identity
-from fromface.training.pack import open_faces
+from fromface.training.pack import open_training_faces
 from fromface.training.task import build_occluder
 from fromface.training.validate import validate
 
@@ -31,15 +29,14 @@ def main() -> None:
     cfg = load_config(args.config)
     print("| model | val_acc | val_occ_acc | val_mean |\n|---|---|---|---|")
     for spec in args.models:
-        model = load_model(spec) if Path(spec).suffix == ".pt" else create_model(spec)
+        model = load_face_model(spec).torch_model  # a name, name:tag or checkpoint, as FaceRecognizer loads it
         p = model.preprocess
-        source = open_faces(cfg.data.train, cfg.data.format, p.size, p.template, cfg.data.aligned,
-                            cfg.data.align_fallback, cfg.data.cache_dir or str(Path(cfg.output_dir) / "cache"),
-                            cfg.data.min_images, False)
+        source = open_training_faces(cfg, p, progress=False)
         split = split_by_identity(source.labels, cfg.data.val_identities, cfg.seed)
         pairs = make_pairs(split.val_rows, split.val_labels, cfg.data.val_pairs, cfg.seed)
         occluder = build_occluder(cfg, p, getattr(source, "context", 1.0))
-        m = validate(model, source, pairs, p, torch.device("cpu"), cfg.eval.batch_size, occluder, cfg.seed)
+        m = validate(model, source, pairs, preprocess=p, device=torch.device("cpu"), batch_size=cfg.eval.batch_size,
+                     occluder=occluder, seed=cfg.seed)
         print(f"| {spec} | {m['val_acc']:.4f} | {m['val_occ_acc']:.4f} | {m['val_mean']:.4f} |", flush=True)
 
 

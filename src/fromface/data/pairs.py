@@ -31,7 +31,10 @@ class Pair:
 
 
 def _is_int(text: str) -> bool:
-    return text.strip().lstrip("+").isdigit()
+    """A non-negative integer in ASCII digits, with at most one leading '+': exactly what ``int()`` then reads."""
+    digits = text.strip()
+    digits = digits[1:] if digits.startswith("+") else digits
+    return digits.isascii() and digits.isdigit()
 
 
 def _content_lines(path: Path) -> list[tuple[int, str]]:
@@ -182,25 +185,34 @@ def read_pairs(path: str | os.PathLike, root: str | os.PathLike | None = None, f
 
 
 def write_pairs_tsv(pairs: list[Pair], path: str | os.PathLike, relative_to: str | os.PathLike | None = None) -> Path:
-    """Write pairs as ``path1<TAB>path2<TAB>same<TAB>fold`` (fold only when every pair has one).
+    """Write pairs as ``path1<TAB>path2<TAB>same<TAB>fold`` (the fold column when some pair has one; empty for a
+    pair without, as the reader takes it).
 
     Paths are written relative to ``relative_to`` when given (``..`` allowed), with forward slashes,
-    so the file reads back with ``read_pairs(path, root=relative_to)``.
+    so the file reads back with ``read_pairs(path, root=relative_to)``. A relative path that the reader would take
+    for something else (a ``#`` comment, a byte-order mark, an LFW name) is written as ``./path``; a path with a
+    tab, a line break or white space at either end cannot be read back and is refused with a :class:`DataError`.
     """
     path = Path(path)
-    with_folds = bool(pairs) and all(p.fold >= 0 for p in pairs)
+    with_folds = any(p.fold >= 0 for p in pairs)
 
     def fmt(p: Path) -> str:
         text = os.path.relpath(p, relative_to) if relative_to is not None else str(p)
-        if "\t" in text or "\n" in text:
-            raise DataError(f"{p}: a path with a tab or newline cannot be written to a TSV pair list")
-        return text.replace(os.sep, "/")
+        if "\t" in text or len(f"x{text}x".splitlines()) > 1:
+            raise DataError(f"{str(p)!r}: a path with a tab or line break cannot be written to a TSV pair list")
+        if text != text.strip():
+            raise DataError(f"{p}: a path that begins or ends with white space cannot be written to a TSV pair "
+                            "list (its fields are read stripped)")
+        text = text.replace(os.sep, "/")
+        if not os.path.isabs(text) and (text.startswith(("#", "\ufeff")) or not _looks_like_path(text)):
+            text = "./" + text  # the same path to the reader, which can no longer mistake it
+        return text
 
     rows = []
     for p in pairs:
         row = [fmt(Path(p.path1)), fmt(Path(p.path2)), "1" if p.same else "0"]
         if with_folds:
-            row.append(str(p.fold))
+            row.append(str(p.fold) if p.fold >= 0 else "")
         rows.append("\t".join(row))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")

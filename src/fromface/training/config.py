@@ -372,6 +372,11 @@ def config_to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+def cache_folder(config: TrainConfig) -> Path:
+    """Where a run caches aligned packs and stored trunk outputs: ``data.cache_dir``, else ``<output_dir>/cache``."""
+    return Path(config.data.cache_dir or Path(config.output_dir) / "cache")
+
+
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (what actually ran, overrides applied)."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")

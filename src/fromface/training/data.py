@@ -1,4 +1,5 @@
-"""Training data: identity split, seeded augmentation (flip + occlusion), a resumable sampler, validation pairs.
+"""Training data: identity split, seeded augmentation (flip + occlusion), the batch, a resumable sampler, validation
+pairs.
 
 Every random choice about a sample is drawn from ``numpy.random.default_rng([seed, epoch, index])``,
 so an epoch looks the same whatever the number of loader workers or processes, and a resumed run
@@ -8,13 +9,19 @@ sees exactly the images, flips and occluders the uninterrupted run would have se
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+import cv2
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from fromface.errors import ConfigError, DataError
+from fromface.faces.aligner import FaceAligner, covers_centre, refined_landmarks
+from fromface.faces.alignment import context_geometry, get_template, similarity_transform, transform_points, warp_face
+from fromface.occlusion.occluders import OccluderLibrary
 from fromface.occlusion.patterns import PatternVocabulary
+from fromface.occlusion.synth import Synthesizer, box_label
 
 
 @dataclass
@@ -102,17 +109,12 @@ class SynthesizerOccluder:
     probability is set to 0; the template's landmarks, scaled to the crop, steer category-aware presets.
     """
 
-    def __init__(self, folder: str, categories: list[str] | None, preset: str, template: str | None,
-                 size: tuple[int, int]):
-        from fromface.occlusion.occluders import OccluderLibrary
-        from fromface.occlusion.synth import Synthesizer
-
+    def __init__(self, folder: str, *, size: tuple[int, int], categories: list[str] | None = None,
+                 preset: str = "from", template: str | None = None):
         self.synth = Synthesizer(OccluderLibrary.from_folder(folder, categories=categories), preset=preset,
                                  clean_prob=0.0)
         self.landmarks = None
         if template is not None:
-            from fromface.faces.alignment import get_template
-
             tpl = get_template(template)
             scale = np.array([size[1] / tpl.size[1], size[0] / tpl.size[0]])
             self.landmarks = tpl.points * scale
@@ -137,8 +139,6 @@ class RealigningOccluder:
     needs_context = True
 
     def __init__(self, occluder: SynthesizerOccluder, template: str, context: float):
-        from fromface.faces.alignment import context_geometry, get_template
-
         self.occluder, self.template = occluder, get_template(template)
         _, offset = context_geometry(self.template, context)
         h, w = self.template.size
@@ -151,11 +151,6 @@ class RealigningOccluder:
         return dict(self.__dict__, _aligner=None, refine=None)  # each loader worker opens its own detector
 
     def __call__(self, canvas: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        import cv2
-
-        from fromface.faces.aligner import FaceAligner, covers_centre, refined_landmarks
-        from fromface.faces.alignment import similarity_transform, transform_points, warp_face
-
         if self._aligner is None:
             self._aligner = FaceAligner(self.template.name, select="central")
         result = self.occluder.synth.occlude(canvas, rng, face_box=self.box, landmarks=self.landmarks)
@@ -178,39 +173,83 @@ class RealigningOccluder:
 NO_SHIFT = np.zeros((5, 2), dtype=np.float32)
 
 
-def occlude_sample(occluder, source, row: int, image: np.ndarray, flipped: bool,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def occlude_sample(occluder, image: np.ndarray, rng: np.random.Generator, *, source, row: int,
+                   flipped: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, mask, landmark shift): ``occluder`` applied to a sample's crop, or to its (equally flipped) canvas
-    when the occluder re-aligns. The shift is zero unless re-alignment moved the crop."""
+    from ``source`` when the occluder re-aligns. The shift is zero unless re-alignment moved the crop."""
     if not getattr(occluder, "needs_context", False):
         return (*occluder(image, rng), NO_SHIFT)
     canvas = source.context_image(row)
     return occluder(np.ascontiguousarray(canvas[:, ::-1]) if flipped else canvas, rng)
 
 
-def pattern_label(vocab: PatternVocabulary, mask: np.ndarray) -> int:
-    """Argmax-IoU pattern of an occlusion mask (summed-area lookups, O(N), when fromface.occlusion has them)."""
-    try:
-        from fromface.occlusion.synth import box_label
-    except ImportError:  # pragma: no cover - older occlusion package
-        return int(vocab.label(mask))
-    return box_label(vocab, mask)
+@dataclass
+class TrainBatch:
+    """What one training step reads, by name; a dataset item is a batch of one, without the batch dimension.
 
+    A batch holds either ``images`` (network input) or ``maps`` (the frozen trunk's stored stage maps,
+    :mod:`fromface.training.feature_cache`); the optional fields are there when a loss term needs them.
+    """
 
-def to_tensor(image: np.ndarray, mean, std, channel_order: str = "RGB") -> torch.Tensor:
-    """HxWx3 uint8 RGB -> normalised CxHxW float tensor, as the model's preprocessing says."""
-    if channel_order.upper() == "BGR":
-        image = image[:, :, ::-1]
-    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)  # a writable copy
-    m = torch.tensor(mean if channel_order.upper() == "RGB" else mean[::-1]).view(3, 1, 1)
-    s = torch.tensor(std if channel_order.upper() == "RGB" else std[::-1]).view(3, 1, 1)
-    return (x - m) / s
+    labels: torch.Tensor  # identity, 0..num_classes-1
+    patterns: torch.Tensor  # occlusion-pattern label (0: clean)
+    images: torch.Tensor | None = None  # (N, 3, H, W) network input
+    maps: list[torch.Tensor] | None = None  # or the stored stage maps below (and at) FROM's mask
+    clean: torch.Tensor | None = None  # the images before occlusion (the teacher's input for consistency)
+    keys: torch.Tensor | None = None  # 2 x row + flip: where the teacher's embedding of ``clean`` is cached
+    targets: torch.Tensor | None = None  # stored consistency targets (the starting model's clean embeddings)
+    shifts: torch.Tensor | None = None  # stored landmark shifts from re-alignment (the align head's target)
+
+    def __post_init__(self):
+        if (self.images is None) == (self.maps is None):
+            raise ValueError("a TrainBatch holds either images or stored maps")
+
+    @classmethod
+    def collate(cls, items: list[TrainBatch]) -> TrainBatch:
+        """The DataLoader's ``collate_fn``: each field stacked over the items as torch stacks a tuple's."""
+        def stack(values: list):
+            return None if values[0] is None else default_collate(values)
+
+        return cls(**{f.name: stack([getattr(item, f.name) for item in items]) for f in fields(cls)})
+
+    def _map(self, fn) -> TrainBatch:
+        """A new batch of ``fn(tensor, is_image)`` applied to every tensor (those of ``maps`` one by one)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                out[f.name] = [fn(v, True) for v in value]
+            elif value is not None:
+                out[f.name] = fn(value, f.name in ("images", "clean"))
+        return TrainBatch(**out)
+
+    def to(self, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> TrainBatch:
+        """On ``device``; image-like fields (images, clean twins, stage maps) in ``memory_format``."""
+        return self._map(lambda t, image: t.to(device, memory_format=memory_format) if image else t.to(device))
+
+    def pin_memory(self) -> TrainBatch:  # what DataLoader(pin_memory=True) calls on a custom batch
+        return self._map(lambda t, image: t.pin_memory())
+
+    def chunk(self, n: int) -> list[TrainBatch]:
+        """``n`` consecutive parts (``data.accumulate``); the batch size must be divisible by ``n``."""
+        parts: list[dict] = [{} for _ in range(n)]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            pieces = list(zip(*(m.chunk(n) for m in value))) if isinstance(value, list) else value.chunk(n)
+            for part, piece in zip(parts, pieces, strict=True):
+                part[f.name] = list(piece) if isinstance(value, list) else piece
+        return [TrainBatch(**part) for part in parts]
 
 
 class TrainFaces(torch.utils.data.Dataset):
-    """Samples are ``(image, identity, pattern_label)``; index with ``(row, epoch)`` from :class:`EpochBatches`."""
+    """Augmented training images as :class:`TrainBatch` items; index with ``(row, epoch)`` from :class:`EpochBatches`.
 
-    def __init__(self, source, rows: np.ndarray, labels: np.ndarray, preprocess, seed: int, flip: bool = True,
+    ``with_clean`` adds each image's clean twin and its key (row and flip), for the consistency term's teacher.
+    """
+
+    def __init__(self, source, rows: np.ndarray, labels: np.ndarray, *, preprocess, seed: int, flip: bool = True,
                  occluder=None, clean_prob: float = 1.0, grid: int | None = None, with_clean: bool = False):
         self.source, self.rows, self.labels, self.with_clean = source, rows, labels, with_clean
         self.preprocess, self.seed, self.flip = preprocess, seed, flip
@@ -225,25 +264,40 @@ class TrainFaces(torch.utils.data.Dataset):
         """The augmented uint8 image, its occlusion-pattern label (0 = clean), the image before occlusion,
         whether it was flipped, and the landmark shift from re-alignment (:class:`RealigningOccluder`)."""
         rng = np.random.default_rng([self.seed, epoch, int(i)])
-        image = self.source.image(int(self.rows[i]))
+        row = int(self.rows[i])
+        image = self.source.image(row)
         flipped = bool(self.flip and rng.random() < 0.5)
         if flipped:
             image = np.ascontiguousarray(image[:, ::-1])
         clean, pattern, shift = image, 0, NO_SHIFT
         if self.occluder is not None and rng.random() >= self.clean_prob:
-            image, mask, shift = occlude_sample(self.occluder, self.source, int(self.rows[i]), image, flipped, rng)
+            image, mask, shift = occlude_sample(self.occluder, image, rng, source=self.source, row=row, flipped=flipped)
             if self.vocab is not None:
-                pattern = pattern_label(self.vocab, mask)
+                pattern = box_label(self.vocab, mask)
         return image, pattern, clean, flipped, shift
 
-    def __getitem__(self, key: tuple[int, int]):
+    def item(self, i: int, epoch: int, *, with_clean: bool = False, with_shift: bool = False) -> TrainBatch:
+        """Sample ``i`` of ``epoch`` as network input, with its clean twin and key, and its landmark shift."""
+        image, pattern, clean, flipped, shift = self.sample(i, epoch)
+        to_input = self.preprocess.to_input
+        return TrainBatch(images=torch.from_numpy(to_input(image))[0], labels=torch.tensor(int(self.labels[i])),
+                          patterns=torch.tensor(int(pattern)),
+                          clean=torch.from_numpy(to_input(clean))[0] if with_clean else None,
+                          keys=torch.tensor(2 * int(i) + int(flipped)) if with_clean else None,
+                          shifts=torch.from_numpy(shift) if with_shift else None)
+
+    def __getitem__(self, key: tuple[int, int]) -> TrainBatch:
         i, epoch = key
-        image, pattern, clean, flipped, _ = self.sample(i, epoch)
-        p = self.preprocess
-        item = (to_tensor(image, p.mean, p.std, p.channel_order), int(self.labels[i]), pattern)
-        if self.with_clean:  # the clean twin and its key (row, flip) for caching the teacher's embedding
-            item += (to_tensor(clean, p.mean, p.std, p.channel_order), 2 * int(i) + int(flipped))
-        return item
+        return self.item(i, epoch, with_clean=self.with_clean)
+
+
+def check_batching(n: int, global_batch: int, world: int, accumulate: int = 1) -> None:
+    """Refuse a global batch that the processes and accumulation chunks cannot share evenly, or a split too small."""
+    if global_batch % (world * accumulate):
+        raise ConfigError(f"data.batch_size={global_batch} must be divisible by the {world} processes x "
+                          f"data.accumulate={accumulate}")
+    if n < global_batch:
+        raise DataError(f"the training split has {n} images, fewer than one batch of {global_batch}")
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -253,14 +307,10 @@ class EpochBatches(torch.utils.data.Sampler):
     with the same order. Incomplete last batches are dropped, so every rank takes the same number of steps.
     """
 
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int, start: int = 0,
-                 accumulate: int = 1):
-        if global_batch % (world * accumulate):
-            raise ConfigError(f"data.batch_size={global_batch} must be divisible by the {world} processes x "
-                              f"data.accumulate={accumulate}")
-        if n < global_batch:
-            raise DataError(f"the training split has {n} images, fewer than one batch of {global_batch}")
-        self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
+    def __init__(self, n: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                 start: int = 0, accumulate: int = 1):
+        check_batching(n, batch_size, world, accumulate)
+        self.n, self.batch, self.rank, self.world = n, batch_size, rank, world
         self.seed, self.epoch, self.start = seed, epoch, start
 
     def __len__(self) -> int:
@@ -275,7 +325,7 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 class PlainFaces(torch.utils.data.Dataset):
-    """Validation images, unaugmented (optionally occluded with a fixed per-row seed)."""
+    """Validation images as network input, unaugmented (optionally occluded with a fixed per-row seed)."""
 
     def __init__(self, source, rows: np.ndarray, preprocess, occluder=None, seed: int = 0):
         self.source, self.rows, self.preprocess, self.occluder, self.seed = source, rows, preprocess, occluder, seed
@@ -287,7 +337,6 @@ class PlainFaces(torch.utils.data.Dataset):
         row = int(self.rows[i])
         image = self.source.image(row)
         if self.occluder is not None:
-            image, _, _ = occlude_sample(self.occluder, self.source, row, image, False,
-                                         np.random.default_rng([self.seed, 4, row]))
-        p = self.preprocess
-        return to_tensor(image, p.mean, p.std, p.channel_order)
+            image, _, _ = occlude_sample(self.occluder, image, np.random.default_rng([self.seed, 4, row]),
+                                         source=self.source, row=row)
+        return torch.from_numpy(self.preprocess.to_input(image))[0]

@@ -20,9 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from fromface.errors import ConfigError
-from fromface.training.data import TrainFaces, to_tensor
+from fromface.models.weights import state_digest
+from fromface.training.config import TrainConfig, cache_folder, config_to_dict
+from fromface.training.data import TrainBatch, TrainFaces
 
 FORMAT_VERSION = 1
 
@@ -53,14 +56,10 @@ ABOVE_MASK_OPTIONS = ("mask_shape", "mask_target", "mask_source", "pyramid_chann
                       "use_mask", "head_rank", "align_head")
 
 
-def stored_outputs_key(cfg, model: nn.Module, images: int) -> dict:
+def stored_outputs_key(cfg: TrainConfig, model: nn.Module, images: int) -> dict:
     """Everything the stored files depend on: the trunk below the mask, the data, the augmentation."""
-    from fromface.training.config import config_to_dict
-
     occlusion = config_to_dict(cfg)["occlusion"]
     occlusion.pop("val", None)
-    from fromface.models.weights import state_digest
-
     # the trunk's own weights (its package may ship new ones); FROM's new parts do not shape what is stored
     trunk = f"{state_digest(model.backbone)}:{state_digest(model.head)}"
     return {"version": 1, "model": cfg.model.name, "init": cfg.model.init, "trunk": trunk, "maps": maps_needed(model),
@@ -75,27 +74,20 @@ def fingerprint(parts: dict) -> str:
 
 
 class _Variants(torch.utils.data.Dataset):
-    """(augmented image, clean twin, pattern, flipped, landmark shift) for version ``v`` of training image ``i``;
-    with ``shifts_only`` just the shift (re-played to add it to stores made before it was stored)."""
+    """Version ``v`` of training image ``i`` (item ``i * variants + v``) with its clean twin and landmark shift."""
 
-    def __init__(self, faces: TrainFaces, variants: int, shifts_only: bool = False):
-        self.faces, self.variants, self.shifts_only = faces, variants, shifts_only
+    def __init__(self, faces: TrainFaces, variants: int):
+        self.faces, self.variants = faces, variants
 
     def __len__(self) -> int:
         return len(self.faces) * self.variants
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, k: int) -> TrainBatch:
         i, v = divmod(k, self.variants)
-        image, pattern, clean, flipped, shift = self.faces.sample(i, v)
-        if self.shifts_only:
-            return torch.from_numpy(shift)
-        p = self.faces.preprocess
-        return (to_tensor(image, p.mean, p.std, p.channel_order), to_tensor(clean, p.mean, p.std, p.channel_order),
-                pattern, int(flipped), torch.from_numpy(shift))
+        return self.faces.item(i, v, with_clean=True, with_shift=True)
 
 
-@torch.no_grad()
-def build_feature_cache(model: nn.Module, faces: TrainFaces, variants: int, folder: Path, key: dict,
+def build_feature_cache(model: nn.Module, faces: TrainFaces, *, variants: int, folder: Path, key: dict,
                         batch_size: int = 8, workers: int = 0, progress: bool = True) -> Path:
     """Write (or reuse) the stored maps of ``variants`` versions of every image in ``faces``; returns the folder.
 
@@ -110,31 +102,45 @@ def build_feature_cache(model: nn.Module, faces: TrainFaces, variants: int, fold
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
-    n, k_maps = len(faces), maps_needed(model)
-    shapes = model.backbone.stage_shapes(*model.input_size)[model.mask_stage - k_maps + 1: model.mask_stage + 1]
-    maps = [np.lib.format.open_memmap(tmp / f"maps{j}.npy", "w+", np.float16, (n * variants, *s))
-            for j, s in enumerate(shapes)]
-    patterns = np.zeros(n * variants, dtype=np.int64)
-    flips = np.zeros(n * variants, dtype=np.int64)
-    shifts = np.zeros((n * variants, 5, 2), dtype=np.float32)
-    targets = np.zeros((n, 2, model.embedding_dim), dtype=np.float32)  # per image and flip
-    have = np.zeros((n, 2), dtype=bool)
     loader = torch.utils.data.DataLoader(_Variants(faces, variants), batch_size=batch_size, num_workers=workers,
-                                         generator=torch.Generator())
-    bar = None
-    if progress:
-        from tqdm import tqdm
+                                         collate_fn=TrainBatch.collate, generator=torch.Generator())
+    k_maps = maps_needed(model)
+    _write_store(model, loader, tmp, images=len(faces), variants=variants, k_maps=k_maps, progress=progress)
+    (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "images": len(faces),
+                                               "variants": variants, "maps": k_maps, "key": key}, indent=2,
+                                              default=str))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished the same cache first
+        if not (folder / "meta.json").exists():
+            raise
+    return folder
 
-        bar = tqdm(total=n * variants, desc="storing trunk outputs", unit="img", dynamic_ncols=True)
+
+@torch.no_grad()
+def _write_store(model: nn.Module, loader, tmp: Path, *, images: int, variants: int, k_maps: int,
+                 progress: bool) -> None:
+    """The store's arrays: the last ``k_maps`` stage maps up to the mask (float16, ``maps{j}.npy``), pattern labels,
+    landmark shifts and, per version, the consistency target of its clean twin (computed once per image and flip)."""
+    n = images * variants
+    shapes = model.backbone.stage_shapes(*model.input_size)[model.mask_stage - k_maps + 1: model.mask_stage + 1]
+    maps = [np.lib.format.open_memmap(tmp / f"maps{j}.npy", "w+", np.float16, (n, *s)) for j, s in enumerate(shapes)]
+    patterns = np.zeros(n, dtype=np.int64)
+    flips = np.zeros(n, dtype=np.int64)
+    shifts = np.zeros((n, 5, 2), dtype=np.float32)
+    targets = np.zeros((images, 2, model.embedding_dim), dtype=np.float32)  # per image and flip
+    have = np.zeros((images, 2), dtype=bool)
+    bar = tqdm(total=n, desc="storing trunk outputs", unit="img", dynamic_ncols=True, disable=not progress)
     start = 0
-    for images, clean, pattern, flipped, shift in loader:
-        images = images.contiguous(memory_format=torch.channels_last)
-        clean = clean.contiguous(memory_format=torch.channels_last)
-        rows = np.arange(start, start + len(images))
-        for j, m in enumerate(model.backbone.forward_until(images, model.mask_stage)[-k_maps:]):
+    for batch in loader:
+        batch_images = batch.images.contiguous(memory_format=torch.channels_last)
+        clean = batch.clean.contiguous(memory_format=torch.channels_last)
+        rows = np.arange(start, start + len(batch_images))
+        for j, m in enumerate(model.backbone.forward_until(batch_images, model.mask_stage)[-k_maps:]):
             maps[j][rows] = m.contiguous().numpy().astype(np.float16)
-        patterns[rows], flips[rows], shifts[rows] = pattern.numpy(), flipped.numpy(), shift.numpy()
-        image_ids, flip = rows // variants, flipped.numpy()
+        flip = (batch.keys % 2).numpy()
+        patterns[rows], flips[rows], shifts[rows] = batch.patterns.numpy(), flip, batch.shifts.numpy()
+        image_ids = rows // variants
         todo = ~have[image_ids, flip]
         todo &= ~_seen_earlier(image_ids * 2 + flip)
         if todo.any():
@@ -142,25 +148,15 @@ def build_feature_cache(model: nn.Module, faces: TrainFaces, variants: int, fold
             emb = out.features if out.features is not None else out.embedding
             targets[image_ids[todo], flip[todo]] = emb.float().numpy()
             have[image_ids[todo], flip[todo]] = True
-        start += len(images)
-        if bar is not None:
-            bar.update(len(images))
-    if bar is not None:
-        bar.close()
+        start += len(batch_images)
+        bar.update(len(batch_images))
+    bar.close()
     for m in maps:
         m.flush()
+    del maps
     np.save(tmp / "patterns.npy", patterns)
     np.save(tmp / "shifts.npy", shifts)
-    np.save(tmp / "targets.npy", targets[np.arange(n * variants) // variants, flips])
-    (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "images": n, "variants": variants,
-                                               "maps": k_maps, "key": key}, indent=2, default=str))
-    del maps
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process finished the same cache first
-        if not (folder / "meta.json").exists():
-            raise
-    return folder
+    np.save(tmp / "targets.npy", targets[np.arange(n) // variants, flips])
 
 
 def _seen_earlier(keys: np.ndarray) -> np.ndarray:
@@ -171,55 +167,43 @@ def _seen_earlier(keys: np.ndarray) -> np.ndarray:
     return seen
 
 
-def add_stored_shifts(faces: TrainFaces, folder: Path, workers: int = 0, progress: bool = True) -> None:
-    """Write ``shifts.npy`` into a store made before landmark shifts were stored, by re-playing its seeded samples
-    (the same occluders and detections, without running the trunk)."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
-    loader = torch.utils.data.DataLoader(_Variants(faces, meta["variants"], shifts_only=True), batch_size=64,
-                                         num_workers=workers)
-    if progress:
-        from tqdm import tqdm
-
-        loader = tqdm(loader, desc="re-playing landmark shifts", unit="batch", dynamic_ncols=True)
-    shifts = torch.cat(list(loader)).numpy()
-    np.save(Path(folder) / f"shifts.tmp{os.getpid()}.npy", shifts)
-    os.replace(Path(folder) / f"shifts.tmp{os.getpid()}.npy", Path(folder) / "shifts.npy")
-
-
 class StoredFaces(torch.utils.data.Dataset):
-    """Samples ``(maps, identity, pattern, target, landmark shift)``; index with ``(row, epoch)`` like
-    :class:`TrainFaces`.
+    """The stored versions as :class:`TrainBatch` items of maps, identity, pattern, target and landmark shift; index
+    with ``(row, epoch)`` like :class:`TrainFaces`.
 
     Each epoch shows every image once, in version ``(epoch + offset_i) % variants`` (``offset_i`` seeded
     per image), so all stored versions are used before any repeats.
     """
 
+    with_clean = False  # the consistency targets are stored: no clean twins, no teacher
+
     def __init__(self, folder: Path, labels: np.ndarray, seed: int):
-        meta = json.loads((Path(folder) / "meta.json").read_text())
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
         self.variants, n = meta["variants"], meta["images"]
         if n != len(labels):
             raise ConfigError(f"{folder}: stored outputs of {n} images, the training split has {len(labels)}")
-        self.maps = [np.load(Path(folder) / f"maps{j}.npy", mmap_mode="r") for j in range(meta["maps"])]
-        self.patterns = np.load(Path(folder) / "patterns.npy")
-        self.targets = np.load(Path(folder) / "targets.npy")
-        shifts = Path(folder) / "shifts.npy"
-        self.shifts = np.load(shifts) if shifts.is_file() else np.zeros((n * self.variants, 5, 2), np.float32)
+        self.maps = [np.load(folder / f"maps{j}.npy", mmap_mode="r") for j in range(meta["maps"])]
+        self.patterns = np.load(folder / "patterns.npy")
+        self.targets = np.load(folder / "targets.npy")
+        self.shifts = np.load(folder / "shifts.npy") if (folder / "shifts.npy").is_file() else None
         self.labels = labels
         self.offsets = np.random.default_rng([seed, 5]).integers(0, self.variants, n)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: tuple[int, int]):
+    def __getitem__(self, key: tuple[int, int]) -> TrainBatch:
         i, epoch = key
         k = i * self.variants + (epoch + int(self.offsets[i])) % self.variants
-        maps = [torch.from_numpy(np.asarray(m[k], dtype=np.float32)) for m in self.maps]
-        return (maps, int(self.labels[i]), int(self.patterns[k]), torch.from_numpy(self.targets[k]),
-                torch.from_numpy(self.shifts[k]))
+        return TrainBatch(maps=[torch.from_numpy(np.asarray(m[k], dtype=np.float32)) for m in self.maps],
+                          labels=torch.tensor(int(self.labels[i])), patterns=torch.tensor(int(self.patterns[k])),
+                          targets=torch.from_numpy(self.targets[k]),
+                          shifts=None if self.shifts is None else torch.from_numpy(self.shifts[k]))
 
 
-def stored_dataset(cfg, model: nn.Module, faces: TrainFaces, labels: np.ndarray, distributed: bool = False,
-                   progress: bool = True) -> StoredFaces:
+def stored_dataset(cfg: TrainConfig, model: nn.Module, faces: TrainFaces, labels: np.ndarray, *,
+                   distributed: bool = False, progress: bool = True) -> StoredFaces:
     """The trainer's entry point: freeze the trunk below the mask, store its outputs once, return the dataset."""
     if not hasattr(model, "forward_maps"):
         raise ConfigError(f"data.feature_cache_variants needs a FROM model; {cfg.model.name} has no mask stage")
@@ -229,10 +213,10 @@ def stored_dataset(cfg, model: nn.Module, faces: TrainFaces, labels: np.ndarray,
     for name, param in model.named_parameters():
         if name in lower:
             param.requires_grad_(False)
-    root = Path(cfg.data.cache_dir or Path(cfg.output_dir) / "cache")
-    folder = build_feature_cache(model, faces, cfg.data.feature_cache_variants, root,
-                                 stored_outputs_key(cfg, model, len(faces)), workers=cfg.data.num_workers,
+    folder = build_feature_cache(model, faces, variants=cfg.data.feature_cache_variants, folder=cache_folder(cfg),
+                                 key=stored_outputs_key(cfg, model, len(faces)), workers=cfg.data.num_workers,
                                  progress=progress)
     if cfg.loss.align_weight > 0 and not (folder / "shifts.npy").is_file():
-        add_stored_shifts(faces, folder, cfg.data.num_workers, progress)
+        raise ConfigError(f"{folder}: stored by an older fromface without landmark shifts (loss.align_weight needs "
+                          "them); delete the folder to store it again")
     return StoredFaces(folder, labels, cfg.seed)

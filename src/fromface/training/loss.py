@@ -9,6 +9,7 @@ from torch import nn
 from fromface.models.heads import MARGIN_HEADS
 from fromface.models.outputs import FaceOutput
 from fromface.occlusion.patterns import patterns
+from fromface.training.config import LossConfig
 
 
 class FromLoss(nn.Module):
@@ -34,6 +35,7 @@ class FromLoss(nn.Module):
         self,
         embedding_dim: int,
         num_classes: int,
+        *,
         margin: str = "cosface",
         scale: float = 30.0,
         margin_value: float = 0.35,
@@ -47,7 +49,7 @@ class FromLoss(nn.Module):
         super().__init__()
         if margin not in MARGIN_HEADS:
             raise ValueError(f"margin must be one of {sorted(MARGIN_HEADS)}, got {margin!r}")
-        self.classifier = MARGIN_HEADS[margin](embedding_dim, num_classes, scale, margin_value)
+        self.classifier = MARGIN_HEADS[margin](embedding_dim, num_classes, scale=scale, margin=margin_value)
         self.pattern_weight = pattern_weight
         self.consistency_weight = consistency_weight
         self.margin_weight = margin_weight
@@ -56,6 +58,15 @@ class FromLoss(nn.Module):
         self.mask_weight, self.grid, self.align_weight = mask_weight, grid, align_weight
         if margin_weight == 0:  # no identity classifier to train (and none left unused under DDP)
             self.classifier.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, *, embedding_dim: int, num_classes: int, grid: int | None = None) -> FromLoss:
+        """The objective a config's ``loss`` section describes (``consistency_cache`` is the trainer's, not the loss's);
+        ``grid`` is the model's pattern grid, which ``mask_weight`` needs."""
+        return cls(embedding_dim, num_classes, margin=cfg.margin, scale=cfg.scale, margin_value=cfg.margin_value,
+                   pattern_weight=cfg.pattern_weight, consistency_weight=cfg.consistency_weight,
+                   margin_weight=cfg.margin_weight, mask_weight=cfg.mask_weight, grid=grid,
+                   align_weight=cfg.align_weight)
 
     def forward(
         self,

@@ -69,8 +69,8 @@ def lr_factor(step: int, steps_per_epoch: int, total_steps: int, cfg: ScheduleCo
     raise ConfigError(f"schedule.kind must be step, cosine or constant, got {cfg.kind!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int,
-                    cfg: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, steps_per_epoch: int,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     lr_factor(0, steps_per_epoch, total_steps, cfg)  # validates the kind before training starts
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps_per_epoch, total_steps, cfg))

@@ -9,19 +9,27 @@ once (through the model's own alignment template) is what the cache stores.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+from tqdm import tqdm
 
-from fromface.errors import DataError, FromfaceError
+from fromface.data.files import atomic_write
+from fromface.data.images import IMAGE_EXTENSIONS, load_image, scan_images
+from fromface.errors import ConfigError, DataError, FromfaceError
+from fromface.faces.aligner import FaceAligner
+from fromface.faces.alignment import context_geometry, get_template, warp_face
+from fromface.training.config import TrainConfig, cache_folder
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 PACK_FORMAT = "fromface-pack"
 PACK_VERSION = 1
 
@@ -36,7 +44,11 @@ class FaceList:
 
 
 def scan_identity_folder(root: str | os.PathLike, min_images: int = 1) -> FaceList:
-    """List ``root/<identity>/<image>`` files; identities are sorted by name so labels are stable."""
+    """List ``root/<identity>/<image>`` files; identities are sorted by name so labels are stable.
+
+    Images are what :func:`fromface.data.images.scan_images` calls images, HEIC/HEIF included: such a file is not
+    passed over but fails to load with how to convert it (a pack lists it as skipped, with that reason).
+    """
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: training folder not found")
@@ -50,7 +62,7 @@ def scan_identity_folder(root: str | os.PathLike, min_images: int = 1) -> FaceLi
             continue
         if not entry.is_dir() or entry.name.startswith("."):
             continue
-        images = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        images, _ = scan_images(entry, recursive=True)  # other files are not faces: not listed
         if len(images) < max(min_images, 1):
             continue
         files += images
@@ -64,8 +76,6 @@ def scan_identity_folder(root: str | os.PathLike, min_images: int = 1) -> FaceLi
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import cv2
-
     h, w = size
     if image.shape[:2] == (h, w):
         return image
@@ -78,34 +88,24 @@ def load_face(path: Path, size: tuple[int, int], aligner=None, context: float = 
 
     ``context`` > 1 (aligned faces only) returns the wider canvas around the aligned crop instead.
     """
-    from fromface.data.images import load_image
-
     image = load_image(path)
     if aligner is not None:
         face = aligner.align_array(image, str(path))[0]
         if context > 1.0:
-            from fromface.faces.alignment import warp_face
-
             return np.ascontiguousarray(warp_face(image, face.landmarks, aligner.template, context))
         image = face.crop
     return np.ascontiguousarray(_resize(image, size))
 
 
-def _make_aligner(template: str, fallback: bool):
-    try:
-        from fromface.faces.aligner import FaceAligner
-    except ImportError as exc:  # pragma: no cover - the inference package ships with fromface
-        raise DataError(f"aligning a training folder needs fromface.inference ({exc})") from None
+def _make_aligner(template: str, fallback: bool) -> FaceAligner:
     return FaceAligner(template, select="largest", fallback=fallback)
 
 
 _WORKER: dict = {}
 
 
-def _worker_setup(size: tuple[int, int], template: str | None, aligned: bool, fallback: bool,
-                  context: float = 1.0) -> None:
-    import cv2
-
+def _worker_setup(*, size: tuple[int, int], template: str | None, aligned: bool, fallback: bool,
+                  context: float) -> None:
     cv2.setNumThreads(1)  # one image per process: parallelism comes from the processes
     _WORKER.update(size=size, aligner=None if aligned else _make_aligner(template, fallback), context=context)
 
@@ -118,15 +118,14 @@ def _worker_face(path: Path) -> tuple[np.ndarray | None, str | None]:
         return None, str(exc)
 
 
-def _faces_in_order(files: list[Path], size, template, aligned, fallback, workers: int, context: float = 1.0):
-    """Yield (crop | None, reason | None) per file, in order, from ``workers`` processes (1: this one)."""
+def _faces_in_order(files: list[Path], workers: int, **loading):
+    """Yield (crop | None, reason | None) per file, in order, from ``workers`` processes (1: this one); ``loading``
+    holds :func:`_worker_setup`'s settings."""
     if workers <= 1:
-        _worker_setup(size, template, aligned, fallback, context)
+        _worker_setup(**loading)
         yield from map(_worker_face, files)
         return
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(workers, _worker_setup, (size, template, aligned, fallback, context)) as pool:
+    with mp.get_context("spawn").Pool(workers, functools.partial(_worker_setup, **loading)) as pool:
         yield from pool.imap(_worker_face, files, chunksize=8)
 
 
@@ -135,6 +134,7 @@ def pack_folder(
     out: str | os.PathLike,
     size: tuple[int, int],
     template: str | None = None,
+    *,
     aligned: bool = True,
     fallback: bool = False,
     min_images: int = 1,
@@ -151,64 +151,74 @@ def pack_folder(
     centre window), so training can occlude the wider view and re-detect the face (``occlusion.realign``).
     """
     faces = scan_identity_folder(root, min_images)
-    if not aligned and template is None:
-        raise DataError("aligning a folder needs the model's alignment template")
-    if context != 1.0 and (aligned or context < 1.0):
-        raise DataError(f"context={context}: a wider canvas needs faces to align (not --aligned) and a factor >= 1")
-    if not aligned:
-        _make_aligner(template, fallback)  # fail here, clearly, before any worker starts
+    h, w = _stored_size(size, template, aligned=aligned, fallback=fallback, context=context)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    h, w = size
-    if context > 1.0:
-        from fromface.faces.alignment import context_geometry, get_template
-
-        (h, w), _ = context_geometry(template, context)
-        if get_template(template).size != tuple(size):
-            raise DataError(f"context needs crops at the template's own size {get_template(template).size}, "
-                            f"not {tuple(size)}")
     array = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(faces.files), h, w, 3))
     kept, skipped = [], []
-    results = _faces_in_order(faces.files, tuple(size), template, aligned, fallback, workers, context)
-    if progress:
-        from tqdm import tqdm
-
-        results = tqdm(results, total=len(faces.files), desc="pack", unit="img", dynamic_ncols=True)
-    for i, (crop, problem) in enumerate(results):
+    results = _faces_in_order(faces.files, workers, size=tuple(size), template=template, aligned=aligned,
+                              fallback=fallback, context=context)
+    bar = tqdm(results, total=len(faces.files), desc="pack", unit="img", dynamic_ncols=True, disable=not progress)
+    for i, (crop, problem) in enumerate(bar):
         if crop is None:
             skipped.append([str(faces.files[i].relative_to(root)), problem])
             continue
         array[len(kept)] = crop
         kept.append(i)
     array.flush()
-    _finish_pack(tmp, array, faces, kept, skipped, Path(root), size, template, aligned, context)
+    if not kept:
+        raise DataError(f"{root}: none of the {len(faces.files)} images could be packed "
+                        f"(first problem: {skipped[0][1] if skipped else 'none'})")
+    if len(kept) < len(faces.files):
+        _keep_first_rows(tmp / "images.npy", array, len(kept))
+    index = _index(faces, kept, skipped, root=Path(root), size=size, template=template, aligned=aligned,
+                   context=context)
+    (tmp / "index.json").write_text(json.dumps(index), encoding="utf-8")
     del array
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
 
 
-def _finish_pack(tmp: Path, array: np.ndarray, faces: FaceList, kept: list[int], skipped: list, root: Path,
-                 size: tuple[int, int], template: str | None, aligned: bool, context: float = 1.0) -> None:
-    """Drop skipped rows and emptied identities, then write the index."""
-    if not kept:
-        raise DataError(f"{root}: none of the {len(faces.files)} images could be packed "
-                        f"(first problem: {skipped[0][1] if skipped else 'none'})")
-    old_labels = faces.labels[kept]
-    present = np.unique(old_labels)
-    remap = {int(old): new for new, old in enumerate(present)}
-    if len(kept) < len(faces.files):
-        small = np.lib.format.open_memmap(tmp / "images.small.npy", mode="w+", dtype=np.uint8,
-                                          shape=(len(kept),) + array.shape[1:])
-        for start in range(0, len(kept), 1024):
-            stop = min(start + 1024, len(kept))
+def _stored_size(size: tuple[int, int], template: str | None, *, aligned: bool, fallback: bool,
+                 context: float) -> tuple[int, int]:
+    """The (height, width) of each stored image (the wider canvas with ``context``), once the settings are checked;
+    fails here, clearly, before any image is read or any worker starts."""
+    if not aligned and template is None:
+        raise DataError("aligning a folder needs the model's alignment template")
+    if context != 1.0 and (aligned or context < 1.0):
+        raise DataError(f"context={context}: a wider canvas needs faces to align (not --aligned) and a factor >= 1")
+    if not aligned:
+        _make_aligner(template, fallback)
+    if context <= 1.0:
+        return tuple(size)
+    if get_template(template).size != tuple(size):
+        raise DataError(f"context needs crops at the template's own size {get_template(template).size}, "
+                        f"not {tuple(size)}")
+    return context_geometry(template, context)[0]
+
+
+def _keep_first_rows(path: Path, array: np.ndarray, count: int) -> None:
+    """Rewrite the image array at ``path`` (open as ``array``) with only its first ``count`` rows, the kept faces."""
+    with atomic_write(path) as tmp:
+        small = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count,) + array.shape[1:])
+        for start in range(0, count, 1024):
+            stop = min(start + 1024, count)
             small[start:stop] = array[start:stop]
         small.flush()
         del small
-        os.replace(tmp / "images.small.npy", tmp / "images.npy")
-    index = {
+
+
+def _index(faces: FaceList, kept: list[int], skipped: list, *, root: Path, size: tuple[int, int],
+           template: str | None, aligned: bool, context: float) -> dict:
+    """The pack's ``index.json``: its settings, and identity and source file per kept row (emptied identities
+    dropped), and what was skipped and why."""
+    old_labels = faces.labels[kept]
+    present = np.unique(old_labels)
+    remap = {int(old): new for new, old in enumerate(present)}
+    return {
         "format": PACK_FORMAT,
         "version": PACK_VERSION,
         "size": list(size),
@@ -222,7 +232,6 @@ def _finish_pack(tmp: Path, array: np.ndarray, faces: FaceList, kept: list[int],
         "files": [str(faces.files[i].relative_to(root)) for i in kept],
         "skipped": skipped,
     }
-    (tmp / "index.json").write_text(json.dumps(index), encoding="utf-8")
 
 
 class PackedFaces:
@@ -254,8 +263,6 @@ class PackedFaces:
         self._window = None  # (top, left) of the aligned crop inside each stored canvas
         stored = self.size
         if self.context > 1.0:
-            from fromface.faces.alignment import context_geometry
-
             stored, offset = context_geometry(self.template, self.context)
             self._window = (int(offset[1]), int(offset[0]))
         expected = (len(self.labels), *stored, 3)
@@ -315,7 +322,7 @@ def is_pack(path: str | os.PathLike) -> bool:
     return (Path(path) / "index.json").is_file() and (Path(path) / "images.npy").is_file()
 
 
-def cache_key(root: Path, size: tuple[int, int], template: str, fallback: bool, min_images: int) -> str:
+def cache_key(root: Path, *, size: tuple[int, int], template: str | None, fallback: bool, min_images: int) -> str:
     """Changes when any file is added, removed or rewritten, or the alignment settings change."""
     digest = hashlib.sha1(f"{root.resolve()}|{size}|{template}|{fallback}|{min_images}".encode())
     for path in scan_identity_folder(root, min_images).files:
@@ -324,9 +331,22 @@ def cache_key(root: Path, size: tuple[int, int], template: str, fallback: bool, 
     return digest.hexdigest()[:16]
 
 
-def open_faces(path: str | os.PathLike, fmt: str, size: tuple[int, int], template: str, aligned: bool = True,
-               fallback: bool = False, cache_dir: str | os.PathLike | None = None, min_images: int = 1,
-               progress: bool = True, build: bool = True, workers: int = 1):
+def open_training_faces(cfg: TrainConfig, preprocess, *, progress: bool = True,
+                        build: bool = True) -> PackedFaces | FolderFaces:
+    """A config's ``data.train`` as the trainer reads it (:func:`open_faces` with the ``data`` section's settings and
+    the model's ``preprocess``; unaligned folders are packed once into :func:`cache_folder`)."""
+    data = cfg.data
+    if not data.train:
+        raise ConfigError("data.train is empty: point it at an identity folder or a pack")
+    return open_faces(data.train, size=preprocess.size, template=preprocess.template, fmt=data.format,
+                      aligned=data.aligned, fallback=data.align_fallback, cache_dir=cache_folder(cfg),
+                      min_images=data.min_images, progress=progress, build=build, workers=max(1, data.num_workers))
+
+
+def open_faces(path: str | os.PathLike, *, size: tuple[int, int], template: str | None = None, fmt: str = "auto",
+               aligned: bool = True, fallback: bool = False, cache_dir: str | os.PathLike | None = None,
+               min_images: int = 1, progress: bool = True, build: bool = True,
+               workers: int = 1) -> PackedFaces | FolderFaces:
     """The training faces at ``path``: a pack, an aligned folder, or an unaligned folder packed once into the cache.
 
     With ``build=False`` (every rank but the main one under torchrun) a missing cache pack is waited for,
@@ -344,7 +364,8 @@ def open_faces(path: str | os.PathLike, fmt: str, size: tuple[int, int], templat
     if aligned:
         return FolderFaces(path, size, min_images)
     cache = Path(cache_dir) if cache_dir else path.parent / ".fromface-cache"
-    target = cache / f"{path.name}-{cache_key(path, size, template, fallback, min_images)}"
+    key = cache_key(path, size=size, template=template, fallback=fallback, min_images=min_images)
+    target = cache / f"{path.name}-{key}"
     if not is_pack(target) and build:
         cache.mkdir(parents=True, exist_ok=True)
         pack_folder(path, target, size, template, aligned=False, fallback=fallback, min_images=min_images,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import random
 import sys
 import time
@@ -10,22 +11,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from fromface import __version__
 from fromface.errors import ConfigError
+from fromface.models.outputs import FaceOutput
 from fromface.training.config import TrainConfig
-from fromface.training.data import RandomBoxOccluder, RealigningOccluder, SynthesizerOccluder
+from fromface.training.data import RandomBoxOccluder, RealigningOccluder, SynthesizerOccluder, TrainBatch
 from fromface.training.loss import FromLoss
+from fromface.training.runtime import Runtime
 
 
 class TrainingTask(nn.Module):
     """Model + loss (+ an optional frozen teacher): ``forward`` returns the dict of named losses.
 
-    With a teacher, ``clean`` holds the unoccluded version of each image and the teacher's unmasked
+    With a teacher, a batch's ``clean`` holds the unoccluded version of each image and the teacher's unmasked
     embedding of it (``features``, or ``embedding`` for plain models) is the consistency target. With
     ``cache_size`` the targets are kept per ``keys`` (row and flip): a frozen teacher sees the same
     clean image every time, so each one is computed once.
     """
 
-    def __init__(self, model: nn.Module, loss: FromLoss, teacher: nn.Module | None = None, cache_size: int = 0):
+    def __init__(self, model: nn.Module, loss: FromLoss, *, teacher: nn.Module | None = None, cache_size: int = 0):
         super().__init__()
         self.model, self.loss, self.teacher = model, loss, teacher
         self.cache_size = cache_size
@@ -52,22 +56,22 @@ class TrainingTask(nn.Module):
             self.cached[keys[miss]] = True
         return self.cache[keys]
 
-    def forward(self, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, patterns: torch.Tensor,
-                clean: torch.Tensor | None = None, keys: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, shifts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``images`` may be stored stage maps (a list), with their stored ``targets`` and landmark ``shifts``."""
-        if targets is None and self.teacher is not None and clean is not None:
-            targets = self.targets(clean, keys)
-        output = self.model.forward_maps(images) if isinstance(images, list) else self.model(images)
-        return self.loss(output, labels, patterns, targets, shifts)
+    def forward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """The named losses of a batch of images or of stored maps (which bring their own consistency targets)."""
+        targets = batch.targets
+        if targets is None and self.teacher is not None and batch.clean is not None:
+            targets = self.targets(batch.clean, batch.keys)
+        return self.loss(model_output(self.model, batch), batch.labels, pattern_labels=batch.patterns,
+                         target_embedding=targets, landmark_shift=batch.shifts)
 
 
-def run_info(rt, resume: str | None) -> dict:
+def model_output(model: nn.Module, batch: TrainBatch) -> FaceOutput:
+    """The model's output for a batch: from the stored trunk maps when it holds them, else from its images."""
+    return model(batch.images) if batch.maps is None else model.forward_maps(batch.maps)
+
+
+def run_info(rt: Runtime, resume: str | None) -> dict:
     """What produced a run besides its config: the command, versions, processes and device."""
-    import platform
-
-    from fromface import __version__
-
     return {"command": list(sys.argv), "resume": resume, "fromface": __version__, "torch": str(torch.__version__),
             "python": platform.python_version(), "world_size": rt.world_size, "backend": rt.backend,
             "device": str(rt.device), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -91,9 +95,8 @@ def build_loss(cfg: TrainConfig, model: nn.Module, num_classes: int) -> FromLoss
         if not (cfg.occlusion.enabled and cfg.occlusion.realign and cfg.data.feature_cache_variants > 0):
             raise ConfigError("loss.align_weight learns from re-detected faces on stored trunk outputs: set "
                               "occlusion.realign and data.feature_cache_variants")
-    return FromLoss(model.embedding_dim, num_classes, loss.margin, loss.scale, loss.margin_value, loss.pattern_weight,
-                    loss.consistency_weight, loss.margin_weight, loss.mask_weight, getattr(model, "grid", None),
-                    loss.align_weight)
+    return FromLoss.from_config(loss, embedding_dim=model.embedding_dim, num_classes=num_classes,
+                                grid=getattr(model, "grid", None))
 
 
 def build_occluder(cfg: TrainConfig, preprocess, context: float = 1.0):
@@ -101,8 +104,9 @@ def build_occluder(cfg: TrainConfig, preprocess, context: float = 1.0):
     if not cfg.occlusion.enabled:
         return None
     if cfg.occlusion.occluders:
-        occluder = SynthesizerOccluder(cfg.occlusion.occluders, cfg.occlusion.categories, cfg.occlusion.preset,
-                                       preprocess.template, preprocess.size)
+        occluder = SynthesizerOccluder(cfg.occlusion.occluders, size=preprocess.size,
+                                       categories=cfg.occlusion.categories, preset=cfg.occlusion.preset,
+                                       template=preprocess.template)
         if not cfg.occlusion.realign:
             return occluder
         if context <= 1.0:

@@ -19,15 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from fromface.errors import ConfigError, FromfaceError
+from fromface.models import create_model
 from fromface.training import checkpoint as ckpt_io
 from fromface.training.config import TrainConfig, config_to_dict, save_config
-from fromface.training.data import EpochBatches, TrainFaces, make_pairs, split_by_identity
+from fromface.training.data import EpochBatches, TrainBatch, TrainFaces, check_batching, make_pairs, split_by_identity
+from fromface.training.feature_cache import StoredFaces, stored_dataset
 from fromface.training.logs import RunLog
 from fromface.training.loss import FromLoss
 from fromface.training.optim import build_optimizer, build_scheduler, param_groups
-from fromface.training.pack import open_faces
+from fromface.training.pack import open_training_faces
 from fromface.training.runtime import setup_runtime, teardown
 from fromface.training.task import TrainingTask, build_loss, build_occluder, run_info, seed_everything
 from fromface.training.validate import PairBenchmark, validate
@@ -37,8 +40,6 @@ class Trainer:
     """Builds everything from the config; :meth:`fit` runs to the end (or ``schedule.max_steps``)."""
 
     def __init__(self, config: TrainConfig, resume: str | None = None, progress: bool | None = None):
-        from fromface.models import create_model
-
         self.cfg = cfg = config
         self.rt = setup_runtime(cfg.device)
         self.device = self.rt.device
@@ -53,22 +54,16 @@ class Trainer:
         self.model = create_model(cfg.model.name, **cfg.model.kwargs)
         self.preprocess = self.model.preprocess
         self.grid = getattr(self.model, "grid", None)
-        self.stored = cfg.data.feature_cache_variants > 0
-        self._build_data()
+        faces = self._build_data()
         loss = build_loss(cfg, self.model, self.split.num_classes)
         if cfg.model.init:
             self._initialise(cfg.model.init, loss)
-        if self.stored:
-            from fromface.training.feature_cache import stored_dataset
-
-            self.dataset = stored_dataset(cfg, self.model, self.dataset, self.split.train_labels, self.rt.distributed,
-                                          self.progress)
+        self.dataset = self._choose_dataset(faces)  # after _initialise: stored maps come from the starting weights
         teacher = None
-        if cfg.loss.consistency_weight > 0 and not self.stored:  # stored runs keep the targets on disk
-            # the starting model, frozen: its clean embeddings are the targets
+        if self.dataset.with_clean:  # the starting model, frozen: its embeddings of the clean twins are the targets
             teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         cache = 2 * len(self.dataset) if teacher is not None and cfg.loss.consistency_cache else 0
-        self.task = TrainingTask(self.model, loss, teacher, cache).to(self.device)
+        self.task = TrainingTask(self.model, loss, teacher=teacher, cache_size=cache).to(self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.task.to(memory_format=self.memory_format)
         self._build_optimisation()
@@ -83,7 +78,7 @@ class Trainer:
         if self.rt.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
-        self.log = RunLog(self.out, self.rt.is_main, cfg.log.tensorboard)
+        self.log = RunLog(self.out, enabled=self.rt.is_main, tensorboard=cfg.log.tensorboard)
         self.benchmarks: list[PairBenchmark] | None = None
         self.run_info = run_info(self.rt, resume)
         if self.rt.is_main:
@@ -92,14 +87,10 @@ class Trainer:
             (self.ckpt_dir / "run.json").write_text(json.dumps(self.run_info, indent=2), encoding="utf-8")
 
     # -- construction -------------------------------------------------------------------------------------
-    def _build_data(self) -> None:
+    def _build_data(self) -> TrainFaces:
+        """The training source, identity split, validation pairs and occluder; returns the augmented images."""
         cfg, p = self.cfg, self.preprocess
-        if not cfg.data.train:
-            raise ConfigError("data.train is empty: point it at an identity folder or a pack")
-        cache = cfg.data.cache_dir or str(Path(cfg.output_dir) / "cache")
-        self.source = open_faces(cfg.data.train, cfg.data.format, p.size, p.template, cfg.data.aligned,
-                                 cfg.data.align_fallback, cache, cfg.data.min_images, self.progress and self.rt.is_main,
-                                 build=self.rt.is_main, workers=max(1, cfg.data.num_workers))
+        self.source = open_training_faces(cfg, p, progress=self.progress and self.rt.is_main, build=self.rt.is_main)
         self.split = split_by_identity(self.source.labels, cfg.data.val_identities, cfg.seed)
         self.val_pairs = None
         if len(self.split.val_rows) and cfg.data.val_pairs > 0:
@@ -109,15 +100,23 @@ class Trainer:
         if cfg.eval.select not in selectable:
             raise ConfigError(f"eval.select={cfg.eval.select!r} is not computed by this config; choose from "
                               f"{selectable} (occlusion metrics need occlusion.enabled and occlusion.val)")
-        self.dataset = TrainFaces(self.source, self.split.train_rows, self.split.train_labels, p, cfg.seed,
-                                  cfg.data.flip, self.occluder, cfg.occlusion.clean_prob, self.grid,
-                                  with_clean=cfg.loss.consistency_weight > 0)
-        world = self.rt.world_size
-        EpochBatches(len(self.dataset), cfg.data.batch_size, 0, world, cfg.seed, 0, 0, cfg.data.accumulate)  # checks
-        self.steps_per_epoch = len(self.dataset) // cfg.data.batch_size
+        faces = TrainFaces(self.source, self.split.train_rows, self.split.train_labels, preprocess=p, seed=cfg.seed,
+                           flip=cfg.data.flip, occluder=self.occluder, clean_prob=cfg.occlusion.clean_prob,
+                           grid=self.grid, with_clean=cfg.loss.consistency_weight > 0)
+        check_batching(len(faces), cfg.data.batch_size, self.rt.world_size, cfg.data.accumulate)
+        self.steps_per_epoch = len(faces) // cfg.data.batch_size
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
         if cfg.schedule.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.schedule.max_steps)
+        return faces
+
+    def _choose_dataset(self, faces: TrainFaces) -> TrainFaces | StoredFaces:
+        """The one switch between the two data sources: images augmented as they are read, or (with
+        ``data.feature_cache_variants``) the frozen lower trunk's maps of stored augmented versions."""
+        if self.cfg.data.feature_cache_variants == 0:
+            return faces
+        return stored_dataset(self.cfg, self.model, faces, self.split.train_labels, distributed=self.rt.distributed,
+                              progress=self.progress)
 
     def _build_optimisation(self) -> None:
         cfg = self.cfg
@@ -129,7 +128,8 @@ class Trainer:
         self.frozen_modules = [r.prefix.rstrip(".") for r in cfg.optim.groups if r.freeze or r.frozen_stats]
         self.params = [p for g in self.groups for p in g["params"]]
         self.optimizer = build_optimizer(self.groups, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, self.total_steps, cfg.schedule)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch=self.steps_per_epoch,
+                                         total_steps=self.total_steps)
         self.amp = bool(cfg.amp and self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
@@ -210,34 +210,18 @@ class Trainer:
             except AttributeError:
                 pass
 
-    def train_step(self, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, patterns: torch.Tensor,
-                   clean: torch.Tensor | None = None, keys: torch.Tensor | None = None,
-                   targets: torch.Tensor | None = None, shifts: torch.Tensor | None = None) -> dict[str, float]:
-        """One optimiser step (over ``data.accumulate`` chunks of the batch); returns the loss parts as floats.
-
-        ``images`` is a list of stored stage maps when training on stored trunk outputs; ``targets`` are then
-        the stored consistency targets and ``shifts`` the stored landmark shifts.
-        """
-        dev, fmt, chunks = self.device, self.memory_format, self.cfg.data.accumulate
-        labels, patterns = labels.to(dev), patterns.to(dev)
-        if isinstance(images, (list, tuple)):
-            per_map = [m.to(dev, memory_format=fmt).chunk(chunks) for m in images]
-            images_parts = [list(c) for c in zip(*per_map)]
-        else:
-            images_parts = images.to(dev, memory_format=fmt).chunk(chunks)
-        clean = clean.to(dev, memory_format=fmt) if clean is not None else None
-        targets = targets.to(dev) if targets is not None else None
-        shifts = shifts.to(dev) if shifts is not None else None
-        inputs = [labels, patterns, clean, keys, targets, shifts]
-        parts = [images_parts] + [t.chunk(chunks) if t is not None else [None] * chunks for t in inputs]
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimiser step (over ``data.accumulate`` chunks of the batch); returns the loss parts as floats."""
+        dev, chunks = self.device, self.cfg.data.accumulate
+        parts = batch.to(dev, self.memory_format).chunk(chunks)
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for j in range(chunks):
+        for j, part in enumerate(parts):
             last = j == chunks - 1
             sync = contextlib.nullcontext() if last or not self.rt.distributed else self.net.no_sync()
             with sync:
                 with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
-                    losses = self.net(*[p[j] for p in parts])
+                    losses = self.net(part)
                 if not torch.isfinite(losses["total"]):
                     raise FromfaceError(f"loss is {float(losses['total'])} at step {self.step}: lower optim.lr or "
                                         "set optim.clip_grad_norm")
@@ -254,18 +238,17 @@ class Trainer:
         return sums
 
     def loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
-        sampler = EpochBatches(len(self.dataset), self.cfg.data.batch_size, self.rt.rank, self.rt.world_size,
-                               self.cfg.seed, epoch, start)
+        sampler = EpochBatches(len(self.dataset), batch_size=self.cfg.data.batch_size, seed=self.cfg.seed, epoch=epoch,
+                               rank=self.rt.rank, world=self.rt.world_size, start=start,
+                               accumulate=self.cfg.data.accumulate)
         return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
+            self.dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers, collate_fn=TrainBatch.collate,
             pin_memory=self.device.type == "cuda", generator=torch.Generator())  # global RNG stays untouched
 
     def fit(self) -> dict:
         """Train to ``total_steps``; returns a summary (steps, best metric, last checkpoint)."""
         bar = None
         if self.rt.is_main and self.progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True)
         last_saved = last_eval = None
         window, tick = [], time.perf_counter()
@@ -274,9 +257,7 @@ class Trainer:
             while self.step < self.total_steps:
                 self.set_train_mode()
                 for batch in self.loader(self.epoch, self.batch_in_epoch):
-                    if self.stored:  # (maps, labels, patterns, targets, shifts)
-                        batch = (*batch[:3], None, None, *batch[3:])
-                    window.append(self.train_step(*batch))
+                    window.append(self.train_step(batch))
                     self.batch_in_epoch += 1
                     if self.batch_in_epoch == self.steps_per_epoch:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -361,13 +342,13 @@ class Trainer:
         cfg = self.cfg.eval
         if self.val_pairs is not None:
             occ = self.occluder if self.cfg.occlusion.val else None
-            metrics.update(validate(self.model, self.source, self.val_pairs, self.preprocess, self.device,
-                                    cfg.batch_size, occ, self.cfg.seed, self.amp))
+            metrics.update(validate(self.model, self.source, self.val_pairs, preprocess=self.preprocess,
+                                    device=self.device, batch_size=cfg.batch_size, occluder=occ, seed=self.cfg.seed,
+                                    amp=self.amp))
         if self.benchmarks is None:  # aligned once, on first use
-            self.benchmarks = [PairBenchmark(s.name, s.pairs, s.root, self.preprocess, s.limit, self.progress)
-                               for s in cfg.pair_sets]
+            self.benchmarks = [PairBenchmark(s, self.preprocess, progress=self.progress) for s in cfg.pair_sets]
         for bench in self.benchmarks:
-            metrics.update(bench.evaluate(self.model, self.device, cfg.batch_size, self.amp))
+            metrics.update(bench.evaluate(self.model, device=self.device, batch_size=cfg.batch_size, amp=self.amp))
         if metrics:
             self._select(metrics)
             self.log.write("eval", self.step, {"epoch": self.epoch, **metrics})
@@ -389,7 +370,7 @@ class Trainer:
 
 def train(config: TrainConfig, resume: str | None = None, progress: bool | None = None) -> dict:
     """Run a whole training job (this process's share of it under torchrun)."""
-    trainer = Trainer(config, resume, progress)
+    trainer = Trainer(config, resume=resume, progress=progress)
     try:
         return trainer.fit()
     finally:
