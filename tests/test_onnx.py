@@ -1,4 +1,5 @@
-"""ONNX export: onnxruntime gives PyTorch's embedding, mask and pattern logits (<= 1e-4) with a dynamic batch."""
+"""ONNX export: onnxruntime gives PyTorch's embedding, mask and pattern logits (<= 1e-4) with a dynamic batch, for a
+small untrained model on synthetic crops and for the shipped default model on real LFW faces, clean and masked."""
 
 from __future__ import annotations
 
@@ -111,3 +112,98 @@ def test_metadata_keeps_thresholds_only_when_given():
     assert json.loads(plain["fromface.preprocess"])["size"] == [112, 112] and plain["fromface.grid"] == ""
     tagged = model_metadata(net, "v1", {"clean": {"far1e-3": 0.4}})
     assert tagged["fromface.tag"] == "v1" and json.loads(tagged["fromface.thresholds"])["clean"]["far1e-3"] == 0.4
+
+
+# ---------------------------------------------------------------------------------------- the shipped default model
+# Tolerances, onnxruntime vs PyTorch (float32, CPU): embedding cosine >= 0.9999 and max abs difference <= 1e-4 (raw,
+# un-normalised embeddings reach ~4; measured ~1e-5), mask <= 1e-4 (measured ~2e-7), pattern logits <= 1e-3 (logits
+# reach ~5; measured ~1e-5).
+EMB_COSINE, EMB_ABS, MASK_ABS, LOGIT_ABS = 0.9999, 1e-4, 1e-4, 1e-3
+DEFAULT_PEOPLE = ("Angelina_Jolie", "Ben_Affleck", "Arnold_Schwarzenegger")
+
+
+@pytest.fixture(scope="module")
+def default_export(tmp_path_factory):
+    """The default model without its align head on the torch side (exported files have none), exported once."""
+    from fromface.inference.onnx_backend import export_onnx
+    from fromface.inference.recognizer import FaceRecognizer
+
+    rec = FaceRecognizer(refine=False)
+    path = export_onnx(rec.torch_model, tmp_path_factory.mktemp("onnx-default") / "default.onnx", rec.tag,
+                       rec.thresholds)  # what `fromface export onnx` writes for the default model
+    return rec, path
+
+
+@pytest.fixture(scope="module")
+def lfw_photos(default_export):
+    """Three LFW photos, the same with a mouth mask pasted on the face, and the aligned crops of all six."""
+    from conftest import LFW_IMAGES, SHARED_DATA
+    from fromface.occlusion.occluders import OccluderLibrary
+    from fromface.occlusion.synth import Synthesizer, rng_for
+
+    rec, _ = default_export
+    clean = [np.asarray(Image.open(sorted((LFW_IMAGES / p).iterdir())[0]).convert("RGB")) for p in DEFAULT_PEOPLE]
+    faces = [found[0] for found in rec.embed(clean)]
+    masks = Synthesizer(OccluderLibrary.from_folder(SHARED_DATA / "occluders", categories=["mouth_mask"]), "face",
+                        coverage=(0.4, 0.45))
+    occluded = [masks.occlude(img, rng_for(0, k), face_box=f.box, landmarks=f.landmarks).image
+                for k, (img, f) in enumerate(zip(clean, faces))]
+    crops = [f.crop for f in faces] + [found[0].crop for found in rec.embed(occluded)]
+    return clean + occluded, np.stack(crops)
+
+
+@pytest.mark.slow
+@pytest.mark.data("lfw/images", "occluders")
+def test_default_model_onnx_matches_torch_on_lfw(default_export, lfw_photos):
+    import torch
+
+    from fromface.inference.onnx_backend import OnnxFaceModel
+    from fromface.models import get_spec
+
+    rec, path = default_export
+    net = rec.torch_model
+    spec = get_spec("from_sface_net").pretrained["celeba299-realign"]
+    assert rec.model_id == "from_sface_net:celeba299-realign" and net.align_head is not None
+    assert spec["kwargs"]["mask_stage"] == 1 and spec["kwargs"]["head_rank"] == 16  # the parts the export must carry
+    model = OnnxFaceModel(path)
+    assert model.output_names == ["embedding", "mask", "pattern_logits"]
+    assert (model.model_name, model.grid, model.tag) == ("from_sface_net", 5, "celeba299-realign")
+    assert model.thresholds == spec["thresholds"] and model.preprocess == net.preprocess
+    _, crops = lfw_photos
+    x = net.preprocess.to_input(list(crops))
+    with torch.no_grad():
+        want = net(torch.from_numpy(x))
+    emb, mask, logits = model(x)
+    assert mask.shape == tuple(want.mask.shape) == (len(crops), want.mask.shape[1], 28, 28)
+    assert emb.shape == tuple(want.embedding.shape) and logits.shape == (len(crops), 226)
+    w_emb = want.embedding.numpy()
+    cosine = (emb * w_emb).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(w_emb, axis=1)
+    assert cosine.min() >= EMB_COSINE and np.abs(emb - w_emb).max() <= EMB_ABS
+    assert np.abs(mask - want.mask.numpy()).max() <= MASK_ABS
+    assert np.abs(logits - want.pattern_logits.numpy()).max() <= LOGIT_ABS
+    # The occluded half is seen as occluded by both: the pattern logits pick a pattern other than "clean" (0).
+    assert (logits[:3].argmax(1) == 0).all() and (logits[3:].argmax(1) != 0).all()
+    np.testing.assert_array_equal(logits.argmax(1), want.pattern_logits.numpy().argmax(1))
+
+
+@pytest.mark.slow
+@pytest.mark.data("lfw/images", "occluders")
+def test_default_model_onnx_recognizer_matches_torch(default_export, lfw_photos):
+    from fromface.inference.recognizer import FaceRecognizer
+
+    rec, path = default_export
+    photos, _ = lfw_photos
+    onnx_rec = FaceRecognizer(path)
+    assert onnx_rec.backend == "onnx" and onnx_rec.thresholds == rec.thresholds and onnx_rec.tag == rec.tag
+    torch_faces = [found[0] for found in rec.embed(photos)]
+    onnx_faces = [found[0] for found in onnx_rec.embed(photos)]
+    for t, o in zip(torch_faces, onnx_faces):
+        np.testing.assert_array_equal(t.box, o.box)  # same detector, same crop
+        assert float(t.embedding @ o.embedding) >= EMB_COSINE and np.abs(t.embedding - o.embedding).max() <= EMB_ABS
+        assert t.heatmap.shape == o.heatmap.shape == (28, 28) and np.abs(t.heatmap - o.heatmap).max() <= MASK_ABS
+        assert (t.pattern, t.occluded) == (o.pattern, o.occluded)
+    assert [f.occluded for f in onnx_faces] == [False] * 3 + [True] * 3
+    for i, j in ((0, 3), (0, 1)):  # the same verdicts, thresholds and conditions (clean+masked, two people)
+        vt, vo = rec.verify(torch_faces[i], torch_faces[j]), onnx_rec.verify(onnx_faces[i], onnx_faces[j])
+        assert (vt.same, vt.threshold, vt.condition) == (vo.same, vo.threshold, vo.condition)
+        assert vo.score == pytest.approx(vt.score, abs=1e-5)

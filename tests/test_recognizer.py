@@ -277,3 +277,84 @@ def test_default_model_verifies_lfw_pairs():
     results = [rec.verify(p.path1, p.path2) for p in chosen]
     assert [v.same for v in results] == [p.same for p in chosen], [round(v.score, 3) for v in results]
     assert all(v.reason == "uncalibrated" or v.reason.startswith("calibrated") for v in results)
+
+
+# ---------------------------------------------------------------------------------------- the shipped default model
+DEFAULT_TAG = "celeba299-realign"
+
+
+@pytest.fixture(scope="module")
+def default_recognizer():
+    from fromface.inference.recognizer import FaceRecognizer
+
+    return FaceRecognizer()  # from_sface_net:celeba299-realign, with its align head
+
+
+def tag_thresholds() -> dict:
+    """The calibrated thresholds as shipped in the registry, {condition: {far: value}}."""
+    from fromface.models import get_spec
+
+    return get_spec("from_sface_net").pretrained[DEFAULT_TAG]["thresholds"]
+
+
+@pytest.mark.data("lfw/images")
+def test_default_model_picks_the_probe_out_of_a_lineup(default_recognizer):
+    """One photo each of three LFW people; another photo of each is verified against all three: only its own
+    person passes, by a clear margin; a person not in the line-up passes against no one."""
+    rec = default_recognizer
+    people = ("Abdullah_Gul", "Alejandro_Toledo", "Angelina_Jolie")
+    lineup = [sorted((LFW / p).iterdir())[0] for p in people]
+    probes = [sorted((LFW / p).iterdir())[2] for p in people] + [sorted((LFW / "Alan_Greenspan").iterdir())[0]]
+    faces = [found[0] for found in rec.embed(lineup + probes)]
+    known, asked = faces[:len(lineup)], faces[len(lineup):]
+    clean = tag_thresholds()["clean"]["far1e-3"]
+    for k, probe in enumerate(asked):
+        results = [rec.verify(probe, face) for face in known]
+        scores = [v.score for v in results]
+        np.testing.assert_allclose(scores, [float(probe.embedding @ f.embedding) for f in known], atol=1e-6)
+        assert all((v.condition, v.threshold) == ("clean", clean) for v in results)
+        ranked = sorted(range(len(known)), key=lambda j: -scores[j])
+        if k < len(people):
+            assert ranked[0] == k and scores[k] - scores[ranked[1]] > 0.3, scores
+            assert [v.same for v in results] == [j == k for j in range(len(known))]
+        else:
+            assert max(scores) < clean - 0.1 and not any(v.same for v in results), scores
+
+
+@pytest.mark.data("lfw/images", "occluders")
+def test_default_model_switches_condition_both_ways(default_recognizer, monkeypatch):
+    """A clean LFW pair is compared under the tag's "clean" threshold; the same pair with a mouth mask pasted on one
+    photo under its "occluded" one, whichever side the occluded photo is on; the verdict is score > threshold."""
+    from fromface.occlusion.occluders import OccluderLibrary
+    from fromface.occlusion.synth import Synthesizer, rng_for
+
+    rec = default_recognizer
+    thresholds = tag_thresholds()
+    a, b = lfw("Angelina_Jolie", 1), lfw("Angelina_Jolie", 2)
+    fa, fb = (found[0] for found in rec.embed([a, b]))
+    assert fa.occluded is False and fb.occluded is False
+    masks = Synthesizer(OccluderLibrary.from_folder(DATA / "occluders", categories=["mouth_mask"]), "face",
+                        coverage=(0.4, 0.45))
+    covered = masks.occlude(b, rng_for(0, 2), face_box=fb.box, landmarks=fb.landmarks)
+    assert covered.covered_fraction > 0.35
+    fo = rec.embed(covered.image)[0]
+    assert fo.occluded is True and fo.pattern != 0, (fo.pattern, fo.pattern_probability)
+
+    clean = rec.verify(fa, fb)
+    assert (clean.condition, clean.threshold) == ("clean", thresholds["clean"]["far1e-3"])
+    assert clean.reason.startswith(f"calibrated ({DEFAULT_TAG}, clean, far1e-3")
+    for occ in (rec.verify(fa, fo), rec.verify(fo, fa)):
+        assert (occ.condition, occ.threshold) == ("occluded", thresholds["occluded"]["far1e-3"])
+        assert occ.reason.startswith(f"calibrated ({DEFAULT_TAG}, occluded, far1e-3")
+    assert thresholds["occluded"]["far1e-3"] != thresholds["clean"]["far1e-3"]  # else the switch would not show
+    for v in (clean, rec.verify(fa, fo)):
+        assert v.same is (v.score > v.threshold) and v.same  # the same person, clean or masked
+    monkeypatch.setattr(rec, "far", "far1e-2")
+    assert rec.verify(fa, fb).threshold == thresholds["clean"]["far1e-2"]
+    assert rec.verify(fa, fo).threshold == thresholds["occluded"]["far1e-2"]
+    # The verdict rule at its edge: a threshold equal to the score rejects, one just below accepts.
+    score = clean.score
+    monkeypatch.setattr(rec, "thresholds", {"clean": {"far1e-2": score}})
+    assert rec.verify(fa, fb).threshold == score and rec.verify(fa, fb).same is False
+    monkeypatch.setattr(rec, "thresholds", {"clean": {"far1e-2": float(np.nextafter(score, -1.0))}})
+    assert rec.verify(fa, fb).same is True
