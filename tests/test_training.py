@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from fromface.errors import ConfigError, DataError
 from fromface.training import checkpoint as ckpt_io
 from fromface.training.config import config_from_dict
@@ -147,11 +148,19 @@ def test_batches_do_not_depend_on_loader_workers(faces, tmp_path):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-def _ddp_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+#: Every module in eval mode while its weights train: batch-norm uses its running statistics and dropout is off, so a
+#: rank's 3 images give the same gradient terms as those 3 images inside one process's batch of 6.
+#: Plain SGD without clipping: the step is proportional to the gradient, so a summed (doubled) gradient shows.
+FROZEN_STATS = {"groups": [{"prefix": "", "frozen_stats": True}], "name": "sgd", "momentum": 0.0,
+                "clip_grad_norm": None}
+
+
+def _ddp_worker(rank: int, world: int, port: int, data: str, out: str, optim: dict | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     register_tiny()
-    cfg = tiny_config(Path(data), Path(out), schedule={"max_steps": 3}, checkpoint={"every_steps": 2})
+    cfg = tiny_config(Path(data), Path(out), schedule={"max_steps": 3}, checkpoint={"every_steps": 2},
+                      optim=optim or {})
     trainer = Trainer(cfg, progress=False)
     assert trainer.rt.backend == "gloo" and trainer.rt.world_size == world
     try:
@@ -361,12 +370,11 @@ def test_consistency_term_pulls_toward_a_frozen_teacher(faces, tmp_path):
     assert torch.allclose(first, direct, atol=1e-5) and torch.equal(again, first)
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 @pytest.mark.data
-@pytest.mark.skipif(not (SHARED / "celeba299").is_dir() or not (SHARED / "occluders").is_dir()
-                    or not (SHARED / "lfw" / "pairs.txt").is_file(), reason="needs ../shared/data")
+@pytest.mark.data("celeba299", "occluders", "lfw/pairs.txt", "lfw/images")
 def test_real_faces_aligned_once_real_occluders_and_lfw_report(tmp_path):
     from fromface.training.logs import read_log
 
@@ -459,6 +467,90 @@ def test_paper_from_config_builds_the_papers_trainer(tmp_path):
     lrs = [0.01 * trainer.scheduler.lr_lambdas[0](e * spe) for e in (0, 9, 10, 24, 25, 39)]
     assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001])
     assert trainer.dataset.clean_prob == pytest.approx(1 / 3) and trainer.dataset.vocab is not None
+
+
+def test_ddp_averages_gradients_like_one_process_on_the_global_batch(faces, tmp_path):
+    """Two gloo ranks of 3 images each end where one process with the same 6 images per step ends: DDP averages
+    the ranks' gradients (a sum would double every step)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(faces), str(tmp_path / "ddp"), FROZEN_STATS), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp" / "rank0.pt")["params"]
+    single = Trainer(tiny_config(faces, tmp_path / "one", schedule={"max_steps": 3}, checkpoint={"every_steps": 2},
+                                 optim=FROZEN_STATS), progress=False)
+    start = {n: p.detach().clone() for n, p in single.task.named_parameters()}
+    single.fit()
+    moved = 0
+    for name, value in single.task.named_parameters():
+        torch.testing.assert_close(ddp[name], value.detach(), rtol=1e-4, atol=1e-5, msg=name)
+        moved += not torch.allclose(value.detach(), start[name])
+    assert moved > 0
+
+
+def _scripted_validation(monkeypatch, by_step: dict[int, float]) -> list:
+    """Validation returns ``by_step[trainer.step]`` as every metric, whatever the weights: which checkpoint is best
+    is then known in advance. Returns the list the test appends its trainers to."""
+    import fromface.training.trainer as trainer_module
+
+    trainers: list = []
+
+    def scripted(*args, **kwargs) -> dict[str, float]:
+        value = by_step[trainers[-1].step]
+        return {"val_acc": value, "val_occ_acc": value, "val_mean": value}
+
+    monkeypatch.setattr(trainer_module, "validate", scripted)
+    return trainers
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return _tensors(ckpt_io.read_checkpoint(path)["state_dict"])
+
+
+def test_best_checkpoint_is_the_best_epoch_also_across_a_stop_and_resume(faces, tmp_path, monkeypatch):
+    import signal
+
+    trainers = _scripted_validation(monkeypatch, {5: 0.5, 10: 0.9, 15: 0.7})  # the 2nd of 3 epochs is best
+    sections = {"schedule": {"max_steps": None, "epochs": 3},
+                "checkpoint": {"every_steps": None, "every_epochs": 1, "keep_last": 10}}
+    trainers.append(Trainer(tiny_config(faces, tmp_path / "full", **sections), progress=False))
+    assert trainers[-1].fit()["best_metric"] == 0.9
+    best = ckpt_io.read_checkpoint(tmp_path / "full" / "checkpoints" / "best.pt")
+    assert (best["step"], best["epoch"], best["best_metric"], best["metric"]) == (10, 2, 0.9, "val_mean")
+    epoch_end = _weights(tmp_path / "full" / "checkpoints" / "step_00000010.pt")
+    assert all(torch.equal(v, epoch_end[k]) for k, v in _tensors(best["state_dict"]).items())
+    assert not all(torch.equal(v, epoch_end[k]) for k, v in _weights(tmp_path / "full" / "checkpoints" /
+                                                                      "step_00000015.pt").items())
+
+    cfg = tiny_config(faces, tmp_path / "stopped", **sections)
+    trainers.append(Trainer(cfg, progress=False))
+    step = trainers[-1].train_step
+
+    def step_then_signal(batch):
+        out = step(batch)
+        if trainers[-1].step == 12:  # after the best epoch's evaluation, before the last one
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    trainers[-1].train_step = step_then_signal
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 12"):
+        trainers[-1].fit()
+    trainers.append(Trainer(cfg, resume="auto", progress=False))
+    assert trainers[-1].best_metric == 0.9  # restored: the last epoch's 0.7 must not become "best"
+    trainers[-1].fit()
+    resumed = ckpt_io.read_checkpoint(tmp_path / "stopped" / "checkpoints" / "best.pt")
+    assert (resumed["step"], resumed["best_metric"]) == (10, 0.9)
+    assert all(torch.equal(v, epoch_end[k]) for k, v in _tensors(resumed["state_dict"]).items())
+
+
+@pytest.mark.parametrize(("keep_last", "kept"), [(2, [5, 6]), (1, [6]), (10, [1, 2, 3, 4, 5, 6])])
+def test_keep_last_prunes_old_step_checkpoints_only(faces, tmp_path, keep_last, kept):
+    cfg = tiny_config(faces, tmp_path, checkpoint={"every_steps": 1, "keep_last": keep_last})
+    Trainer(cfg, progress=False).fit()
+    folder = tmp_path / "checkpoints"
+    assert [int(p.stem.split("_")[1]) for p in ckpt_io.step_checkpoints(folder)] == kept
+    assert (folder / "best.pt").is_file() and (folder / "config.yaml").is_file()
+    with pytest.raises(ConfigError, match="'checkpoint.keep_last' must be >= 1"):
+        tiny_config(faces, tmp_path, checkpoint={"keep_last": 0})
 
 
 def test_stop_request_saves_a_checkpoint_and_resume_finishes(faces, tmp_path):
@@ -630,8 +722,7 @@ class _FixedDetector:
         return [Detection(np.array([0.0, 0.0, w, h]), 0.9, np.asarray(self.landmarks, dtype=np.float64))]
 
 
-@pytest.mark.skipif(not (SHARED / "celeba299").is_dir() or not (SHARED / "occluders").is_dir(),
-                    reason="needs ../shared/data")
+@pytest.mark.data("celeba299", "occluders")
 def test_context_pack_and_realigned_occlusion(tmp_path):
     from fromface.faces.aligner import FaceAligner
     from fromface.training.data import RealigningOccluder, SynthesizerOccluder
