@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -c constraints.txt
 
-.PHONY: test demo lint peers clean
+.PHONY: test demo lint peers clean mutation
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ demo: $(VENV)/.base
 peers: $(VENV)/.base
 	$(PIP) -q -e '.[peers]'
 	$(PIP) -q --no-deps face_recognition
+
+# Mutation testing of the core modules (not part of CI; takes a while): per-module scores for docs/testing.md.
+mutation: $(VENV)/.test
+	$(PIP) -q -e '.[test,onnx,serve,train,mutation]'
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2
+	$(VENV)/bin/mutmut results --all true | $(PY) tools/mutation_scores.py
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check src tests benchmarks tools
