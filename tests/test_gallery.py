@@ -323,3 +323,102 @@ def test_identify_a_photo_that_is_not_enrolled(default_recognizer, tmp_path):
             assert matches[0].score < clean_threshold - 0.1 and not any(m.same for m in matches)
     assert [m.name for m in g.identify(probes["Angelina_Jolie"], top_k=1)] == ["Angelina_Jolie"]  # a photo path
     g.close()
+
+
+class Embedded(FixedThreshold):
+    """A recognizer whose faces are already embedded: what ``enroll_faces`` stores, with a model identity."""
+
+    model_id, model_name, model_source = "unit:model", "unit", "unit-source"
+
+
+def _face(v: np.ndarray, source: str, occluded: bool = False):
+    from fromface.inference.recognizer import FaceEmbedding
+
+    face = FaceEmbedding(v, np.zeros(4), np.zeros((5, 2)), "detected", 0.9, np.zeros((1, 1, 3), np.uint8),
+                         source=source)
+    face.pattern, face.visible_fraction = (7, 0.6) if occluded else (0, 1.0)
+    face.pattern_probability = 0.9
+    return face
+
+
+def test_views_round_and_name_every_field():
+    from fromface.inference.gallery import Enrolment, Match
+
+    match = Match("ann", 0.1234567, 3, True, same=False, threshold=0.3775449, condition="occluded")
+    assert match.to_dict() == {"name": "ann", "score": 0.12346, "template_id": 3, "template_occluded": True,
+                               "same": False, "threshold": 0.37754, "condition": "occluded"}
+    assert Match("bo", 0.5, 1, None).to_dict()["threshold"] is None
+    assert Enrolment("ann", 2, ["x.jpg: same image as y.jpg"], 5).to_dict() == {
+        "name": "ann", "added": 2, "skipped": ["x.jpg: same image as y.jpg"], "templates": 5}
+
+
+def test_enroll_faces_skips_repeated_images_and_counts(tmp_path):
+    rng = np.random.default_rng(8)
+    g = Gallery(tmp_path / "g.db", recognizer=Embedded())
+    first = g.enroll_faces("ann", [_face(unit(rng), "a.jpg"), _face(unit(rng), "b.jpg", occluded=True),
+                                   _face(unit(rng), "c.jpg")], ["d1", "d2", "d1"])
+    assert first.to_dict() == {"name": "ann", "added": 2, "skipped": ["c.jpg: same image as a.jpg"], "templates": 2}
+    again = g.enroll_faces("bob", [_face(unit(rng), "a2.jpg"), _face(unit(rng), "e.jpg")], ["d1", "d3"])
+    assert again.to_dict() == {"name": "bob", "added": 1, "skipped": ["a2.jpg: already enrolled as 'ann'"],
+                               "templates": 1}
+    assert g.meta()["model_id"] == "unit:model" and g.meta()["source"] == "unit-source"
+    occluded = {t: o for t, o in g._conn.execute("SELECT digest, occluded FROM templates")}
+    assert occluded == {"d1": 0, "d2": 1, "d3": 0}
+    with pytest.raises(DataError, match="^enrolment of 'cy': no faces given, or not one digest per face$"):
+        g.enroll_faces("cy", [_face(unit(rng), "f.jpg")], ["d4", "d5"])
+    with pytest.raises(DataError, match="^enrolment of 'cy': no faces given"):
+        g.enroll_faces("cy", [])
+    assert g.counts() == {"ann": 2, "bob": 1}
+
+
+def test_remove_deletes_one_identity_and_says_how_many(tmp_path):
+    rng = np.random.default_rng(9)
+    g = Gallery(tmp_path / "g.db")
+    g.enroll_many({"ann": [Template(unit(rng)) for _ in range(3)], "bob": [Template(unit(rng))]})
+    assert g.remove("ann") == 3 and g.remove("ann") == 0 and g.remove("nobody") == 0
+    assert g.counts() == {"bob": 1} and len(g) == 1
+    assert g._conn.execute("SELECT COUNT(*) FROM templates").fetchone()[0] == 1
+
+
+def test_model_spec_and_mismatch_messages(tmp_path):
+    g = Gallery(tmp_path / "g.db")
+    assert g.model_spec() is None  # empty: no model yet
+
+    def meta(**values: str) -> None:
+        with g._write() as conn:
+            conn.execute("DELETE FROM meta")
+            conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", values.items())
+
+    meta(model_id="from_sface_net:celeba299-realign", model="from_sface_net")
+    assert g.model_spec() == "from_sface_net:celeba299-realign"
+    with pytest.raises(ConfigError, match=r"enrolled with model from_sface_net:celeba299-realign, not other:x; "):
+        g.check_model("other:x")
+    meta(model_id="sha256:abc", source="/models/mine.onnx")
+    with pytest.raises(ConfigError, match=r"model file /models/mine\.onnx \(sha256:abc\); fromface does not load"):
+        g.model_spec()
+    with pytest.raises(ConfigError, match=r"enrolled with model sha256:abc \(/models/mine\.onnx\), not m:1"):
+        g.check_model("m:1")
+    meta(model="mobilefacenet", source="mobilefacenet")  # schema 1: a registered name
+    assert g.model_spec() == "mobilefacenet"
+    with pytest.raises(ConfigError, match="enrolled with model 'mobilefacenet', not 'sface_net_face'"):
+        g.check_model(None, "sface_net_face")
+    meta(model="from_x", source="/runs/best.pt")  # schema 1: a checkpoint file
+    with pytest.raises(ConfigError, match=r"model file /runs/best\.pt \(file:\)"):
+        g.model_spec()
+
+
+def test_foreign_empty_and_newer_files_are_refused(tmp_path):
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE invoices(id INTEGER)")
+    for path, what in ((empty, "an empty file"), (foreign, "an SQLite database of another application")):
+        with pytest.raises(DataError, match=f"^{path}: {what}, not a fromface gallery$"):
+            Gallery(path, read_only=True)
+    newer = tmp_path / "newer.db"
+    Gallery(newer).close()
+    with sqlite3.connect(newer) as conn:
+        conn.execute("UPDATE schema_version SET version = 9")
+    with pytest.raises(DataError, match=f"^{newer}: gallery schema version 9, this fromface reads 1, 2$"):
+        Gallery(newer, read_only=True)

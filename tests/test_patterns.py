@@ -81,8 +81,17 @@ def test_boxes_and_masks_agree():
 
 def test_mismatched_sizes_are_rejected():
     vocab = PatternVocabulary(112, 96, 3)
-    with pytest.raises(ValueError, match="vocabulary"):
+    with pytest.raises(ValueError, match=r"^masks are \(112, 112\) but the vocabulary has 10752 pixels$"):
         vocab.label(np.zeros((112, 112), bool))
+
+
+def test_one_pixel_mask_gets_the_cell_that_holds_it():
+    """A single covered pixel is an occlusion, not "clean": its best pattern is the one grid cell around it (IoU
+    1/cell area beats every larger rectangle)."""
+    vocab = PatternVocabulary(112, 112, 5)  # grid lines 0, 22, 45, 67, 90, 112
+    mask = np.zeros((112, 112), bool)
+    mask[50, 30] = True  # row band 45-67, column band 22-45
+    assert tuple(vocab.boxes[vocab.label(mask)]) == (45, 22, 67, 45)
 
 
 # --- Pinned vocabulary: the shipped pattern head's logits are indexed by this order -----------------------------
