@@ -149,3 +149,24 @@ def test_context_canvas_holds_the_crop_in_its_centre(name):
     assert canvas[:top].any()  # and real photo around it
     with pytest.raises(ConfigError, match="context must be >= 1"):
         context_geometry(name, 0.5)
+
+
+def test_preprocess_to_input_rgb_and_bgr_by_hand():
+    """(pixel / 255 - mean) / std per channel, in the network's channel order: a BGR network gets the channels and
+    their statistics reversed together (mean/std are always given in RGB order)."""
+    from fromface.faces.preprocess import Preprocess
+
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.4, 0.8)
+    crop = np.zeros((2, 3, 3), np.uint8)
+    crop[..., 0], crop[..., 1], crop[..., 2] = 51, 102, 255  # R, G, B = 0.2, 0.4, 1.0
+    want_rgb = [(0.2 - 0.1) / 0.2, (0.4 - 0.5) / 0.4, (1.0 - 0.9) / 0.8]
+    rgb = Preprocess("arcface112", (2, 3), mean, std, "RGB").to_input(crop)
+    bgr = Preprocess("arcface112", (2, 3), mean, std, "BGR").to_input([crop])
+    assert rgb.shape == bgr.shape == (1, 3, 2, 3) and rgb.dtype == bgr.dtype == np.float32
+    np.testing.assert_allclose(rgb[0, :, 0, 0], want_rgb, rtol=1e-6)
+    np.testing.assert_allclose(bgr[0, :, 0, 0], want_rgb[::-1], rtol=1e-6)
+    resized = Preprocess("arcface112", (4, 6), mean, std).to_input(crop)  # another size is resized first
+    assert resized.shape == (1, 3, 4, 6)
+    np.testing.assert_allclose(resized[0, :, 3, 5], want_rgb, rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"crops must be \(N, H, W, 3\) RGB"):
+        Preprocess("arcface112", (2, 3)).to_input(np.zeros((2, 3, 4), np.uint8))
