@@ -398,6 +398,9 @@ def test_model_spec_and_mismatch_messages(tmp_path):
         g.model_spec()
     with pytest.raises(ConfigError, match=r"enrolled with model sha256:abc \(/models/mine\.onnx\), not m:1"):
         g.check_model("m:1")
+    meta(model_id="module:mobilefacenet:0123abcd")  # a module built in Python: nothing to rebuild it from
+    with pytest.raises(ConfigError, match=r"enrolled with a model built in Python \(module:mobilefacenet:0123abcd\)"):
+        g.model_spec()
     meta(model="mobilefacenet", source="mobilefacenet")  # schema 1: a registered name
     assert g.model_spec() == "mobilefacenet"
     with pytest.raises(ConfigError, match="enrolled with model 'mobilefacenet', not 'sface_net_face'"):

@@ -289,8 +289,9 @@ class Gallery:
         if model_id is None:
             return None
         if model_id.startswith(("sha256:", "file:", "module:")):
-            source = meta.get("source") or "a model file"
-            raise ConfigError(f"{self.path}: gallery was enrolled with the model file {source} ({model_id}); "
+            what = "a model built in Python" if model_id.startswith("module:") else \
+                f"the model file {meta.get('source') or '?'}"
+            raise ConfigError(f"{self.path}: gallery was enrolled with {what} ({model_id}); "
                               "fromface does not load a model a gallery names: pass that model yourself "
                               "(--model PATH, or FaceRecognizer(PATH))")
         return model_id
