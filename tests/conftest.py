@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -42,3 +48,37 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     cache = os.environ.get("FROMFACE_CACHE", "")
     if Path(cache).name.startswith("fromface-test-cache-"):
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a server or a DDP rendezvous the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], log_dir: Path) -> tuple[subprocess.Popen, str, IO[bytes]]:
+    """Start a real `fromface serve ARGS` on a free port; returns (process, base URL, its log file) once /health
+    answers. The caller stops it (the REST tests keep one per module, the signal tests send their own)."""
+    port = free_port()
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {src!r}); from fromface.cli.main import main; "
+           "sys.exit(main())", "serve", "--port", str(port), *args]
+    log = open(log_dir / f"serve-{port}.log", "w+b")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"server exited: {log.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, base, log
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("server did not answer /health within 120 s")
+        time.sleep(0.3)

@@ -15,8 +15,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,11 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import LFW_IMAGES
+from conftest import LFW_IMAGES, start_server
 from fromface.cli.main import main
 from fromface.errors import ConfigError, DataError, ImageError
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 LFW = LFW_IMAGES
 TIMEOUT = 60
 
@@ -293,34 +290,9 @@ def test_identity_names_are_checked(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- 4. the REST service
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(args: list[str], tmp_path: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {SRC!r}); from fromface.cli.main import main; "
-           "sys.exit(main())", "serve", "--port", str(port), *args]
-    log = open(tmp_path / f"serve-{port}.log", "w+b")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited: {log.read().decode()[-2000:]}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, base
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("server did not answer /health within 120 s")
-        time.sleep(0.3)
+    proc, base, _ = start_server(args, tmp_path)
+    return proc, base
 
 
 def _multipart(files: list[tuple[str, str, bytes]], fields: dict | None = None) -> tuple[bytes, str]:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -22,20 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import LFW_IMAGES
+from conftest import LFW_IMAGES, start_server
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("multipart")
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 TIMEOUT = 60  # seconds per request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(seed: int, size: int = 112) -> bytes:
@@ -72,27 +62,8 @@ def _send(req) -> tuple[int, dict]:
 
 def _serve(args: list[str], log_dir: Path):
     """Start `fromface serve ARGS` on a free port; yields its base URL once /health answers, stops it after."""
-    port = free_port()
-    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {SRC!r}); from fromface.cli.main import main; "
-           "sys.exit(main())", "serve", "--port", str(port), *args]
-    log = open(log_dir / f"serve-{port}.log", "w+b")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    proc, base, log = start_server(args, log_dir)
     try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited: {log.read().decode()[-2000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not answer /health within 120 s")
-            time.sleep(0.3)
         yield base
     finally:
         proc.terminate()

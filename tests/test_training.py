@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, free_port
 from fromface.errors import ConfigError, DataError
 from fromface.training import checkpoint as ckpt_io
 from fromface.training.config import config_from_dict
@@ -171,16 +170,10 @@ def _ddp_worker(rank: int, world: int, port: int, data: str, out: str, optim: di
         trainer.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_gloo_ranks_end_identical(faces, tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(faces), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(faces), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["step"] == r1["step"] == 3
     start = Trainer(tiny_config(faces, tmp_path / "fresh"), progress=False).task.state_dict()
@@ -474,7 +467,7 @@ def test_ddp_averages_gradients_like_one_process_on_the_global_batch(faces, tmp_
     the ranks' gradients (a sum would double every step)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(faces), str(tmp_path / "ddp"), FROZEN_STATS), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(faces), str(tmp_path / "ddp"), FROZEN_STATS), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp" / "rank0.pt")["params"]
     single = Trainer(tiny_config(faces, tmp_path / "one", schedule={"max_steps": 3}, checkpoint={"every_steps": 2},
                                  optim=FROZEN_STATS), progress=False)
