@@ -1,5 +1,6 @@
-"""ONNX export: onnxruntime gives PyTorch's embedding, mask and pattern logits (<= 1e-4) with a dynamic batch, for a
-small untrained model on synthetic crops and for the shipped default model on real LFW faces, clean and masked."""
+"""ONNX export: onnxruntime gives PyTorch's embedding, mask, pattern logits and align-head shift (<= 1e-4) with a
+dynamic batch, for small untrained models on synthetic crops and for the shipped default model on real LFW faces,
+clean and masked; the default backend is onnxruntime, and an export runs where torch cannot be imported."""
 
 from __future__ import annotations
 
@@ -88,6 +89,42 @@ def test_recognizer_onnx_backend_matches_torch(exported):
     assert v.same and v.score == pytest.approx(1.0, abs=1e-5)
 
 
+def test_align_head_is_exported_as_its_own_graph(tmp_path):
+    import torch
+
+    from fromface.errors import ConfigError
+    from fromface.inference.onnx_backend import OnnxFaceModel, align_path, export_onnx
+    from fromface.models import create_model
+
+    torch.manual_seed(1)
+    net = create_model("from_mobilefacenet", embedding_dim=128, align_head=True).eval()
+    with torch.no_grad():  # a head that moves points (a new one starts at zero)
+        for param in net.align_head.body[-1].parameters():
+            param.normal_(std=0.5)
+    path = export_onnx(net, tmp_path / "tiny.onnx")
+    side = align_path(path)
+    assert side.name == "tiny.align.onnx" and side.is_file()
+    model = OnnxFaceModel(path)
+    x = net.preprocess.to_input(crops(3, 3))
+    with torch.no_grad():
+        want = net.predict_landmark_shift(torch.from_numpy(x)).numpy()
+    got = model.landmark_shift(x)
+    assert got.shape == (3, 5, 2) and np.abs(want).max() > 1e-3 and np.abs(got - want).max() <= 1e-5
+    assert [o.name for o in model.align_session.get_outputs()] == ["landmark_shift"]
+    assert side.stat().st_size < path.stat().st_size / 2  # the first look runs a small part of the network
+    assert OnnxFaceModel(path, align=False).align_session is None
+    side.write_bytes(side.read_bytes()[:-1] + b"\0")  # another align graph than the one exported with it
+    with pytest.raises(ConfigError, match="tiny.align.onnx.*not the align head exported with tiny.onnx"):
+        OnnxFaceModel(path)
+    side.unlink()
+    with pytest.raises(ConfigError, match="tiny.onnx: its align head tiny.align.onnx is missing.*refine=False"):
+        OnnxFaceModel(path)
+    without = OnnxFaceModel(path, align=False)  # runs without it when asked
+    assert without(x)[0].shape == (3, 128)
+    with pytest.raises(ConfigError, match="no align head loaded"):
+        without.landmark_shift(x)
+
+
 def test_bad_onnx_files(tmp_path):
     from fromface.errors import ConfigError
     from fromface.inference.onnx_backend import OnnxFaceModel
@@ -118,19 +155,20 @@ def test_metadata_keeps_thresholds_only_when_given():
 # Tolerances, onnxruntime vs PyTorch (float32, CPU): embedding cosine >= 0.9999 and max abs difference <= 1e-4 (raw,
 # un-normalised embeddings reach ~4; measured ~1e-5), mask <= 1e-4 (measured ~2e-7), pattern logits <= 1e-3 (logits
 # reach ~5; measured ~1e-5).
-EMB_COSINE, EMB_ABS, MASK_ABS, LOGIT_ABS = 0.9999, 1e-4, 1e-4, 1e-3
+# The align head's shift (fractions of the crop; masked faces move by up to ~0.05): <= 1e-5.
+EMB_COSINE, EMB_ABS, MASK_ABS, LOGIT_ABS, SHIFT_ABS = 0.9999, 1e-4, 1e-4, 1e-3, 1e-5
 DEFAULT_PEOPLE = ("Angelina_Jolie", "Ben_Affleck", "Arnold_Schwarzenegger")
 
 
 @pytest.fixture(scope="module")
 def default_export(tmp_path_factory):
-    """The default model without its align head on the torch side (exported files have none), exported once."""
+    """The default model in PyTorch (with its align head), and what `fromface export onnx` writes for it."""
     from fromface.inference.onnx_backend import export_onnx
     from fromface.inference.recognizer import FaceRecognizer
 
-    rec = FaceRecognizer(refine=False)
+    rec = FaceRecognizer(backend="torch")
     path = export_onnx(rec.torch_model, tmp_path_factory.mktemp("onnx-default") / "default.onnx", rec.tag,
-                       rec.thresholds)  # what `fromface export onnx` writes for the default model
+                       rec.thresholds)
     return rec, path
 
 
@@ -184,6 +222,19 @@ def test_default_model_onnx_matches_torch_on_lfw(default_export, lfw_photos):
     # The occluded half is seen as occluded by both: the pattern logits pick a pattern other than "clean" (0).
     assert (logits[:3].argmax(1) == 0).all() and (logits[3:].argmax(1) != 0).all()
     np.testing.assert_array_equal(logits.argmax(1), want.pattern_logits.numpy().argmax(1))
+    shift = want.landmark_shift.numpy()
+    assert np.abs(shift[3:]).max() > 0.01  # the head moves the masked faces' points, so the check below bites
+    assert np.abs(model.landmark_shift(x) - shift).max() <= SHIFT_ABS
+
+
+def assert_same_faces(want: list, got: list) -> None:
+    """Two backends' FaceEmbeddings of the same photos agree: box, embedding, heat map, pattern, condition."""
+    for t, o in zip(want, got, strict=True):
+        np.testing.assert_array_equal(t.box, o.box)  # same detector
+        assert np.abs(t.landmarks - o.landmarks).max() <= 0.01  # the align head's re-crop, from either backend
+        assert float(t.embedding @ o.embedding) >= EMB_COSINE and np.abs(t.embedding - o.embedding).max() <= EMB_ABS
+        assert t.heatmap.shape == o.heatmap.shape == (28, 28) and np.abs(t.heatmap - o.heatmap).max() <= MASK_ABS
+        assert (t.pattern, t.occluded) == (o.pattern, o.occluded)
 
 
 @pytest.mark.slow
@@ -195,15 +246,59 @@ def test_default_model_onnx_recognizer_matches_torch(default_export, lfw_photos)
     photos, _ = lfw_photos
     onnx_rec = FaceRecognizer(path)
     assert onnx_rec.backend == "onnx" and onnx_rec.thresholds == rec.thresholds and onnx_rec.tag == rec.tag
+    assert onnx_rec.aligner.refine is not None  # the export's align head re-crops, as the torch model's does
     torch_faces = [found[0] for found in rec.embed(photos)]
     onnx_faces = [found[0] for found in onnx_rec.embed(photos)]
-    for t, o in zip(torch_faces, onnx_faces):
-        np.testing.assert_array_equal(t.box, o.box)  # same detector, same crop
-        assert float(t.embedding @ o.embedding) >= EMB_COSINE and np.abs(t.embedding - o.embedding).max() <= EMB_ABS
-        assert t.heatmap.shape == o.heatmap.shape == (28, 28) and np.abs(t.heatmap - o.heatmap).max() <= MASK_ABS
-        assert (t.pattern, t.occluded) == (o.pattern, o.occluded)
+    assert_same_faces(torch_faces, onnx_faces)
+    unrefined = [found[0] for found in FaceRecognizer(path, refine=False).embed(photos[3:])]
+    assert max(np.abs(o.landmarks - u.landmarks).max() for o, u in zip(onnx_faces[3:], unrefined)) > 0.5
     assert [f.occluded for f in onnx_faces] == [False] * 3 + [True] * 3
     for i, j in ((0, 3), (0, 1)):  # the same verdicts, thresholds and conditions (clean+masked, two people)
         vt, vo = rec.verify(torch_faces[i], torch_faces[j]), onnx_rec.verify(onnx_faces[i], onnx_faces[j])
         assert (vt.same, vt.threshold, vt.condition) == (vo.same, vo.threshold, vo.condition)
         assert vo.score == pytest.approx(vt.score, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.data("lfw/images", "occluders")
+def test_default_recognizer_runs_onnxruntime_with_torch_results(default_export, lfw_photos):
+    from fromface.inference.recognizer import FaceRecognizer
+
+    rec, _ = default_export
+    photos, _ = lfw_photos
+    default = FaceRecognizer()
+    assert default.backend == "onnx" and default.model_id == rec.model_id and default.thresholds == rec.thresholds
+    assert default.aligner.refine is not None
+    assert_same_faces([f[0] for f in rec.embed(photos)], [f[0] for f in default.embed(photos)])
+    # one call over many photos batches their faces together and gives what one photo at a time gives
+    one_by_one = [default.embed(p)[0] for p in photos]
+    assert_same_faces(one_by_one, [f[0] for f in FaceRecognizer(batch_size=4).embed(photos)])
+
+
+RUNNER = """
+import sys
+sys.modules["torch"] = None  # importing torch now fails: the export must run on NumPy, OpenCV and onnxruntime
+import numpy as np
+from fromface import FaceRecognizer
+rec = FaceRecognizer(sys.argv[1])
+faces = rec.embed(sys.argv[2:])
+np.save(sys.stdout.buffer, np.stack([f[0].embedding for f in faces]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.data("lfw/images")
+def test_exported_files_run_without_torch(default_export, tmp_path):
+    import io
+    import subprocess
+    import sys
+
+    from conftest import LFW_IMAGES
+
+    rec, path = default_export
+    photos = [str(sorted((LFW_IMAGES / p).iterdir())[0]) for p in DEFAULT_PEOPLE]
+    run = subprocess.run([sys.executable, "-c", RUNNER, str(path), *photos], capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    got = np.load(io.BytesIO(run.stdout))
+    want = np.stack([f[0].embedding for f in rec.embed(photos)])
+    assert ((got * want).sum(1) >= EMB_COSINE).all()

@@ -748,7 +748,7 @@ def test_context_pack_and_realigned_occlusion(tmp_path):
     assert np.array_equal(crop[:, :-shift], occluded.image[56:168, 56 + shift:168])
     assert np.array_equal(mask[:, :-shift], occluded.mask[56:168, 56 + shift:168]) and mask.any()
     assert np.allclose(moved, [-shift / 112, 0], atol=1e-6)  # the clean points lie 6 px left in this crop
-    occ.refine = lambda c: np.tile([[-shift / 112, 0.0]], (5, 1))  # an align head that undoes the shift
+    occ.refine = lambda crops: np.tile([[-shift / 112, 0.0]], (len(crops), 5, 1))  # an align head undoing the shift
     crop, mask, moved = occ(canvas, np.random.default_rng(5))
     assert np.abs(crop.astype(int) - occluded.image[56:168, 56:168]).max() <= 1 and not np.abs(moved).max() > 1e-6
     occ.refine = None
@@ -805,9 +805,11 @@ def test_align_head_starts_at_zero_and_matches_the_refine_path():
         out = model(x)
         assert out.landmark_shift.shape == (2, 5, 2) and out.landmark_shift.abs().max() > 0
         assert torch.allclose(model.predict_landmark_shift(x), out.landmark_shift)
-    crop = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    crops = list(np.random.default_rng(1).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8))
     refine = model_refiner(model, model.preprocess)
     with torch.no_grad():
-        want = model(torch.from_numpy(model.preprocess.to_input(crop))).landmark_shift[0].numpy()
-    assert np.allclose(refine(crop), want, atol=1e-6)
+        want = model(torch.from_numpy(model.preprocess.to_input(crops))).landmark_shift.numpy()
+    got = refine(crops)
+    assert got.shape == (3, 5, 2) and np.allclose(got, want, atol=1e-6)
+    assert np.allclose(refine(crops[1:2])[0], want[1], atol=1e-6)  # a face's shift does not depend on its batch
     assert model_refiner(create_model(f"from_{TINY112}", grid=3), model.preprocess) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from fromface.cli._output import check_output_folder
@@ -58,7 +59,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="FROM models with an align head: crop faces where the detector put them, without the "
                    "head's correction (for ablations)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass for our models")
-    p.add_argument("--threads", type=int, default=None, help="torch/OpenCV threads (default: library default)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
+                   help="our models: 'auto' (default) runs a registered model's pretrained weights with onnxruntime "
+                   "and checkpoints with PyTorch; 'onnx' or 'torch' choose (the cache keeps them apart)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch/onnxruntime/OpenCV threads (default: library default)")
     p.add_argument("--workers", type=int, default=1, help="embed in this many processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -70,12 +75,13 @@ def _setup(args: argparse.Namespace) -> list:
         import cv2
         import torch
 
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # onnxruntime sessions made from now on take it
         torch.set_num_threads(args.threads)
         cv2.setNumThreads(args.threads)
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
     return [load_embedder(m, select=args.select, fallback=not args.no_fallback, flip=args.flip,
-                          batch_size=args.batch_size, refine=not args.no_refine) for m in args.models]
+                          batch_size=args.batch_size, refine=not args.no_refine, backend=args.backend) for m in args.models]
 
 
 def _bins(text: str) -> tuple[float, ...]:

@@ -16,7 +16,6 @@ from fromface.evaluation.embedding import Embedder, EmbedResult
 from fromface.evaluation.peers import make_peer
 from fromface.faces.aligner import FaceAligner
 from fromface.inference.face_model import FaceModel, load_face_model
-from fromface.models.from_net import model_refiner
 from fromface.models.weights import state_digest
 
 PEER_NAMES = ("sface", "face_recognition")
@@ -39,8 +38,7 @@ class ModelEmbedder(Embedder):
                  fallback: bool = True, flip: bool = False, batch_size: int = 16, refine: bool = True):
         super().__init__(name=name, source=model.source, batch_size=batch_size)
         self.model, self.preprocess, self.flip = model, model.preprocess, flip
-        refiner = model_refiner(model.torch_model, model.preprocess) if refine and model.torch_model is not None \
-            else None
+        refiner = model.refiner() if refine else None
         self.aligner = FaceAligner(model.preprocess.template, select=select, fallback=fallback, refine=refiner)
         det = self.aligner.detector
         kind = "fromface-onnx" if model.onnx is not None else "fromface"
@@ -54,15 +52,17 @@ class ModelEmbedder(Embedder):
         return np.asarray(self.model.forward(batch)[0], dtype=np.float32)
 
     def embed_batch(self, images: list[np.ndarray]) -> list[EmbedResult]:
-        crops, methods = [], []
+        found, methods = [], []
         for image in images:
             try:
-                face = self.aligner.align_array(image)[0]
+                face = self.aligner.locate(image)[0]
             except NoFaceError:
                 methods.append("failed")
                 continue
-            crops.append(face.crop)
+            found.append((image, face))
             methods.append(face.method)
+        self.aligner.recrop(found)  # the align head sees the whole batch at once
+        crops = [face.crop for _, face in found]
         vectors: list[np.ndarray] = []
         if crops:
             x = self.preprocess.to_input(crops)
@@ -75,17 +75,19 @@ class ModelEmbedder(Embedder):
 
 
 def load_embedder(spec: str, select: str = "central", fallback: bool = True, flip: bool = False,
-                  batch_size: int = 16, refine: bool = True) -> Embedder:
+                  batch_size: int = 16, refine: bool = True, backend: str = "auto") -> Embedder:
     """Resolve ``--model``: a peer name (``sface``, ``face_recognition``, optionally ``peer:``-prefixed), a
     trainer checkpoint (``.pt``/``.pth``), an ONNX file from ``fromface export`` or a registered model name.
-    ``refine=False`` ignores a FROM model's align head (faces stay where the detector put them)."""
-    embedder = _resolve(spec, select, fallback, flip, batch_size, refine)
+    ``refine=False`` ignores a FROM model's align head (faces stay where the detector put them). ``backend``: as
+    :func:`~fromface.inference.face_model.load_face_model` (peers and ONNX files ignore it)."""
+    embedder = _resolve(spec, select, fallback, flip, batch_size, refine, backend)
     embedder.factory = (spec, {"select": select, "fallback": fallback, "flip": flip, "batch_size": batch_size,
-                               "refine": refine})
+                               "refine": refine, "backend": backend})
     return embedder
 
 
-def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int, refine: bool) -> Embedder:
+def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int, refine: bool,
+             backend: str) -> Embedder:
     peer = spec.removeprefix("peer:")
     if peer in PEER_NAMES:
         return make_peer(peer, select=select, flip=flip)
@@ -95,8 +97,8 @@ def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int
         if not path.is_file():
             kind = "ONNX" if path.suffix.lower() == ".onnx" else "checkpoint"
             raise ConfigError(f"{path}: {kind} file not found")
-        return ModelEmbedder(load_face_model(path), path.stem, _file_identity(path), refine=refine, **options)
-    model = load_face_model(spec)
+        return ModelEmbedder(load_face_model(path, refine=refine), path.stem, _file_identity(path), refine=refine, **options)
+    model = load_face_model(spec, backend=backend, refine=refine)
     # The cache key holds the weights' digest only: renaming or adding a pretrained tag must not invalidate it.
     name = spec if spec != "default" else model.model_id
     return ModelEmbedder(model, name, f"sha256:{state_digest(model.torch_model)}", refine=refine, **options)

@@ -32,17 +32,18 @@ METHODS = ("detected", "retry", "fallback")
 FALLBACK_BOX = (0.5, 0.467, 0.506)
 
 
-#: crop -> (5, 2) shift of the face's five alignment points from the template's, in fractions of the crop size
-Refiner = Callable[[np.ndarray], np.ndarray]
+#: crops -> (N, 5, 2) shifts of each face's five alignment points from the template's, in fractions of the crop
+#: size. One call takes every face of a batch of photos: the align head runs once per batch, not once per face.
+Refiner = Callable[[list[np.ndarray]], np.ndarray]
 
 
-def refined_landmarks(refine: Refiner, landmarks: np.ndarray, crop: np.ndarray, template: str) -> np.ndarray:
-    """Where ``refine`` says the face's points really are, in the photo: ``crop`` is the photo warped from
-    ``landmarks`` onto ``template``; the predicted shift is mapped back through that warp."""
+def refined_landmarks(shift: np.ndarray, landmarks: np.ndarray, template: str) -> np.ndarray:
+    """Where the face's points really are, in the photo: the face was warped from ``landmarks`` onto ``template``
+    and its align head says the points lie ``shift`` (5, 2) away from the template's; mapped back through that warp."""
 
     tpl = get_template(template)
     to_crop = similarity_transform(landmarks, tpl.points)
-    in_crop = tpl.points + refine(crop) * np.array(tpl.size[::-1], dtype=np.float64)
+    in_crop = tpl.points + np.asarray(shift, dtype=np.float64) * np.array(tpl.size[::-1], dtype=np.float64)
     return transform_points(cv2.invertAffineTransform(to_crop), in_crop)
 
 
@@ -181,32 +182,40 @@ class FaceAligner:
 
     def align_array(self, image_rgb: np.ndarray, name: str = "<array>") -> list[AlignedFace]:
         """Like :meth:`align` for an already loaded (H, W, 3) uint8 RGB image."""
+        faces = self.locate(image_rgb, name)
+        self.recrop([(image_rgb, face) for face in faces])
+        return faces
+
+    def locate(self, image_rgb: np.ndarray, name: str = "<array>") -> list[AlignedFace]:
+        """Detect, choose and warp the faces of one image, from the detector's landmarks (the first look):
+        :meth:`recrop` then applies the align head to the faces of many images at once."""
         faces, method = self.detect(image_rgb)
         h, w = image_rgb.shape[:2]
         chosen = self.choose(faces, h, w)
         if chosen and self.fallback and self.select == "central" and not covers_centre(chosen[0], h, w):
             chosen = []  # only faces away from the centre: on a centred photo the centre crop is the better guess
         if chosen:
-            aligned = [self._aligned(image_rgb, f.box, f.landmarks, f.score, method) for f in chosen]
-            for face in aligned:
-                face.faces_found = len(faces)
-            return aligned
+            return [self._aligned(image_rgb, f.box, f.landmarks, f.score, method, len(faces)) for f in chosen]
         if not self.fallback:
             raise NoFaceError(f"{name}: no face found (also retried with score threshold {self.retry_threshold} "
                               f"on a {self.retry_scale:g}x upscaled image); use fallback=True for centred photos")
         box, landmarks = fallback_landmarks(h, w, self.fallback_box)
-        face = self._aligned(image_rgb, box, landmarks, 0.0, "fallback")
-        face.faces_found = len(faces)
-        return [face]
+        return [self._aligned(image_rgb, box, landmarks, 0.0, "fallback", len(faces))]
+
+    def recrop(self, faces: list[tuple[np.ndarray, AlignedFace]]) -> None:
+        """With ``refine``: warp each (image, face) again, in place, from the points the model says the face
+        really has; one ``refine`` call for all of them. Without ``refine`` nothing changes."""
+        if self.refine is None or not faces:
+            return
+        shifts = self.refine([face.crop for _, face in faces])
+        for (image_rgb, face), shift in zip(faces, shifts):
+            face.landmarks = refined_landmarks(shift, face.landmarks, self.template)
+            face.crop = warp_face(image_rgb, face.landmarks, self.template)
 
     def _aligned(self, image_rgb: np.ndarray, box: np.ndarray, landmarks: np.ndarray, score: float,
-                 method: str) -> AlignedFace:
-        """Warp one face; with ``refine``, warp it again from the points the model says the face really has."""
-        crop = warp_face(image_rgb, landmarks, self.template)
-        if self.refine is not None:
-            landmarks = refined_landmarks(self.refine, landmarks, crop, self.template)
-            crop = warp_face(image_rgb, landmarks, self.template)
-        return AlignedFace(crop=crop, box=box, landmarks=landmarks, score=score, method=method, template=self.template)
+                 method: str, faces_found: int) -> AlignedFace:
+        return AlignedFace(crop=warp_face(image_rgb, landmarks, self.template), box=box, landmarks=landmarks,
+                           score=score, method=method, template=self.template, faces_found=faces_found)
 
     def align(self, image: ImageSource) -> list[AlignedFace]:
         """Aligned faces of an image (path, bytes, PIL image or RGB array), per the selection rule.

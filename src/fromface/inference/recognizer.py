@@ -125,16 +125,19 @@ class FaceRecognizer:
     """Detect, align and embed faces with one model, and verify pairs with calibrated thresholds.
 
     ``model``: a registered name (default: the shipped model marked default), a training checkpoint (``.pt``), an
-    exported ``.onnx`` file (implies the ONNX backend) or a built ``nn.Module``. ``backend="onnx"`` exports the torch
-    model once (cached under ``$FROMFACE_CACHE``) and runs it with onnxruntime. ``select``: which face of each image --
+    exported ``.onnx`` file (implies the ONNX backend) or a built ``nn.Module``. ``backend``: ``"auto"`` (default)
+    runs a registered model's pretrained weights with onnxruntime on the CPU (exported once, cached under
+    ``$FROMFACE_CACHE``) and anything else with PyTorch; ``"onnx"`` or ``"torch"`` choose (see
+    :func:`~fromface.inference.face_model.load_face_model`). ``select``: which face of each image --
     ``"largest"``, ``"central"``, ``"all"``, or ``"single"`` (error when several faces are found). ``fallback``:
     centre-crop photos with no detected face (for pre-cropped photos). ``detector``: any
     :class:`~fromface.faces.detection.FaceDetector` (default YuNet). ``threshold`` overrides calibration.
     ``refine``: a FROM model with an align head re-crops each face from the points it predicts (a detector's
-    landmarks move on occluded faces); False skips that second look. ONNX files have no align head.
+    landmarks move on occluded faces); False skips that second look. Every backend runs it (an ONNX export carries
+    the head as a second graph). Faces go through the model ``batch_size`` at a time, across the images of a call.
     """
 
-    def __init__(self, model: Any = None, backend: str = "torch", device: str = "cpu", select: str = "largest",
+    def __init__(self, model: Any = None, backend: str = "auto", device: str = "cpu", select: str = "largest",
                  fallback: bool = False, tag: str | None = None, far: str = DEFAULT_FAR,
                  threshold: float | None = None, batch_size: int = 16, detector: Any = None, refine: bool = True):
         if select not in SELECTIONS:
@@ -144,15 +147,14 @@ class FaceRecognizer:
         # Imported here, not at the top: `from fromface import FaceRecognizer` and `fromface --help` stay free of
         # torch (seconds to import) until a model is actually loaded.
         from fromface.inference.face_model import load_face_model
-        from fromface.models.from_net import model_refiner
 
-        self.model = load_face_model(model, tag=tag, backend=backend, device=device)
+        self.model = load_face_model(model, tag=tag, backend=backend, device=device, refine=refine)
         m = self.model
         self.backend, self.torch_model, self.model_name, self.preprocess = m.backend, m.torch_model, m.name, \
             m.preprocess
         self.grid, self.tag, self.thresholds = m.grid, m.tag, m.thresholds
         self.model_id, self.model_source = m.model_id, m.source
-        refiner = model_refiner(m.torch_model, m.preprocess) if refine and m.torch_model is not None else None
+        refiner = m.refiner() if refine else None
         self.aligner = FaceAligner(m.preprocess.template, select="all" if select == "single" else select,
                                    fallback=fallback, detector=detector, refine=refiner)
         self._vocab = None
@@ -162,29 +164,40 @@ class FaceRecognizer:
         """Normalised input (N, 3, H, W) -> (embedding, mask, pattern_logits) as numpy; mask/logits None if absent."""
         return self.model.forward(batch)
 
-    def _aligned(self, image: ImageSource) -> list:
+    def _located(self, image: ImageSource) -> tuple[np.ndarray, list]:
+        """The decoded image and its faces at the first look (before the align head's re-crop)."""
         name = describe_source(image)
-        faces = self.aligner.align_array(load_image(image), name)
+        rgb = load_image(image)
+        faces = self.aligner.locate(rgb, name)
         if self.select == "single" and len(faces) > 1:
             raise ManyFacesError(f"{name}: {len(faces)} faces found where one was expected; crop the photo or use "
                                  "select='largest'")
-        return faces
+        return rgb, faces
 
     def embed(self, images: ImageSource | Sequence[ImageSource]) -> list[FaceEmbedding] | list[list[FaceEmbedding]]:
         """Faces of one image (a list of :class:`FaceEmbedding`) or, for a list/tuple of images, one such list per
-        image. Images may be paths, encoded bytes, PIL images or RGB arrays; crops run through the model in batches."""
+        image. Images may be paths, encoded bytes, PIL images or RGB arrays. The faces of consecutive images share
+        batches: ``batch_size`` of them go through the align head together, then through the network."""
         batch = list(images) if _is_batch(images) else [images]
-        aligned = [self._aligned(img) for img in batch]
-        flat = [(i, f) for i, faces in enumerate(aligned) for f in faces]
         results: list[list[FaceEmbedding]] = [[] for _ in batch]
-        for start in range(0, len(flat), self.batch_size):
-            chunk = flat[start:start + self.batch_size]
-            for (i, face), emb in zip(chunk, self._embed_crops([f.crop for _, f in chunk])):
+        pending: list[tuple[int, np.ndarray, Any]] = []  # (image index, decoded image, face); images freed per batch
+        for i, image in enumerate(batch):
+            rgb, faces = self._located(image)
+            pending += [(i, rgb, face) for face in faces]
+            if len(pending) >= self.batch_size or i == len(batch) - 1:
+                self._embed_pending(pending, batch, results)
+                pending = []
+        return results if _is_batch(images) else results[0]
+
+    def _embed_pending(self, pending: list[tuple[int, np.ndarray, Any]], batch: list, results: list[list]) -> None:
+        self.aligner.recrop([(rgb, face) for _, rgb, face in pending])
+        for start in range(0, len(pending), self.batch_size):
+            chunk = pending[start:start + self.batch_size]
+            for (i, _, face), emb in zip(chunk, self._embed_crops([f.crop for _, _, f in chunk])):
                 emb.box, emb.landmarks, emb.method, emb.score = face.box, face.landmarks, face.method, face.score
                 emb.faces_found = face.faces_found
                 emb.source = describe_source(batch[i])
                 results[i].append(emb)
-        return results if _is_batch(images) else results[0]
 
     def embed_one(self, image: ImageSource) -> FaceEmbedding:
         """The selected face of one image (the largest by default)."""

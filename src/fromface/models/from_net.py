@@ -287,15 +287,15 @@ def register_from_variant(backbone: str, description: str = "") -> Callable[...,
 
 
 def model_refiner(model: nn.Module, preprocess: Preprocess) -> Refiner | None:
-    """A FROM model's align head as a :class:`~fromface.faces.aligner.FaceAligner` ``refine`` step: crop in,
-    the face's five points' shift out; None for models without one."""
+    """A FROM model's align head as a :class:`~fromface.faces.aligner.FaceAligner` ``refine`` step: crops in,
+    each face's five points' shift out, in one batch; None for models without one."""
     if getattr(model, "align_head", None) is None:
         return None
 
-    def refine(crop: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(preprocess.to_input(crop))
+    def refine(crops: list[np.ndarray]) -> np.ndarray:
+        x = torch.from_numpy(preprocess.to_input(crops))
         with torch.inference_mode():
             shift = model.predict_landmark_shift(x.to(next(model.parameters()).device))
-        return shift[0].float().cpu().numpy().astype(np.float64)
+        return shift.float().cpu().numpy().astype(np.float64)
 
     return refine

@@ -161,7 +161,7 @@ class RealigningOccluder:
         points = chosen[0].landmarks if found else self.landmarks
         crop = warp_face(result.image, points, self.template)
         if self.refine is not None:  # what the product does with FROM's align head (validation, calibration)
-            points = refined_landmarks(self.refine, points, crop, self.template.name)
+            points = refined_landmarks(self.refine([crop])[0], points, self.template.name)
             crop = warp_face(result.image, points, self.template)
         size = (self.template.size[1], self.template.size[0])
         matrix = similarity_transform(points, self.template.points)
