@@ -4,18 +4,31 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -c constraints.txt
 
-.PHONY: test demo lint peers clean mutation
+.PHONY: test demo lint peers clean mutation browser
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -q -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.base
+$(VENV)/.test: $(VENV)/.base | browser
 	$(PIP) -q -e '.[test,onnx,serve,train]'
 	# face_recognition declares dlib (a source build) as a dependency; dlib-bin provides it.
 	$(PIP) -q --no-deps face_recognition
 	touch $@
+
+# The browser test (tests/test_web.py) drives Debian's Chromium through chromedriver. Checked on every `make test`;
+# installed with apt only when missing and when run as root (CI); otherwise a note says how (the test then skips,
+# or fails under CI=true).
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver (apt) for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "note: chromium/chromedriver not found; install them (sudo apt-get install chromium chromium-driver)" \
+			"or tests/test_web.py skips"; \
+	fi
 
 test: $(VENV)/.test
 	$(PY) -m ruff check src tests benchmarks tools

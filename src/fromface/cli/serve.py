@@ -1,4 +1,4 @@
-"""``fromface serve``: the REST service (FastAPI + uvicorn), on 127.0.0.1 unless told otherwise."""
+"""``fromface serve``: the REST service (FastAPI + uvicorn) and its web page, on 127.0.0.1 unless told otherwise."""
 
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ def port_number(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the REST service (POST /verify, /identify, /enroll; GET /health)",
-                       description="Serve verification, identification and enrolment over HTTP. Binds to 127.0.0.1 "
+    p = sub.add_parser("serve", help="run the REST service (POST /verify, /identify, /enroll; GET /health) and "
+                       "its web page (GET /)",
+                       description="Serve verification, identification and enrolment over HTTP, with a web page for "
+                       "them at / (open the address it prints in a browser). Binds to 127.0.0.1 "
                        "by default. Before exposing it (--host 0.0.0.0, or behind a reverse proxy), require a token "
                        f"with --token-file or ${TOKEN_ENV}; see docs/security.md. SIGTERM and Ctrl-C shut it down "
                        "gracefully: requests in flight finish and the gallery file is left complete.")
@@ -82,6 +84,13 @@ def bind(host: str, port: int):
     return sock
 
 
+def page_url(host: str, port: int) -> str:
+    """The web page's address to open in a browser on this machine: a wildcard address (which a browser cannot open)
+    becomes the loopback address, and an IPv6 host goes in brackets."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
+
+
 def run(args: argparse.Namespace) -> int:
 
     try:
@@ -106,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
                          max_pixels=args.max_pixels, token=token, allow_origins=tuple(args.allow_origin))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         auth = "token required" if token else "no token: anyone who can reach the port can use it"
-        print(f"fromface serving {recognizer.model_name} on http://{args.host}:{args.port} ({auth})", flush=True)
+        print(f"fromface serving {recognizer.model_name} on http://{args.host}:{args.port} ({auth}); web page: "
+              f"{page_url(args.host, args.port)}", flush=True)
         server.run(sockets=[sock])
     finally:
         sock.close()

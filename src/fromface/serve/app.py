@@ -1,16 +1,21 @@
-"""The REST app: POST /verify, /identify, /enroll and GET /health, with upload and pixel limits and JSON errors.
+"""The REST app: POST /verify, /identify, /enroll and GET /health, with upload and pixel limits and JSON errors, and
+the web page over them at GET / (its files under /static/).
 
 Every error is JSON ``{"error": <kind>, "detail": <message>}``: 400 for unreadable images and bad requests, 401 for
 a missing or wrong token, 403 for a cross-origin browser request from an origin not allowed, 404 when no gallery is
 configured, 409 for a name that is already enrolled (send ``mode=add`` to add to it), 413 for a body over the limit
 (counted while it streams in, whatever the transfer encoding), 422 when no (or more than one allowed) face is found.
 Handlers are plain functions, so FastAPI runs them in its thread pool; the model and gallery are thread-safe.
+/verify and /identify take ``show=true`` to add each face's ``panel``: the aligned crop with the occlusion heat map and
+predicted pattern drawn over it (the ``--show`` picture's face panel), as a PNG data URL.
 See docs/security.md for what the service trusts and how to run it behind a reverse proxy.
 """
 
+import base64
 import contextlib
 import hmac
 import os
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -25,8 +30,19 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # per file
 MAX_PIXELS = 25_000_000  # per image
 MAX_FILES = 20  # per enrol request
 MAX_TOP_K = 100
-#: Routes answered without a token (load balancers and monitors probe it); it reveals no paths.
-OPEN_ROUTES = ("/health",)
+#: Routes answered without a token: /health (load balancers and monitors probe it; it reveals no paths) and the web
+#: page with its static files, which hold no data -- the page asks for the token and sends it with every API call.
+OPEN_ROUTES = ("/health", "/")
+OPEN_PREFIXES = ("/static/",)
+#: The web page's files (plain HTML, CSS and JavaScript: no build step, nothing fetched from elsewhere).
+STATIC = Path(__file__).with_name("static")
+_CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                  ".css": "text/css; charset=utf-8"}
+#: The page loads only its own files and talks only to this service; no other site may frame it.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-cache"}
 
 
 class UploadTooLarge(FromfaceError):
@@ -72,6 +88,7 @@ def create_app(recognizer: Any, gallery_path: str | os.PathLike | None = None,
                   lifespan=lifespan)
     _install_errors(app)
     _add_routes(app, recognizer, gallery, max_upload_bytes, max_pixels, max_files)
+    _add_page(app)
     # Outermost first: the body limit sees every byte before anything else reads it.
     guarded = GuardMiddleware(app, max_body=max_upload_bytes * max_files + 64 * 1024, token=token,
                               allow_origins=tuple(o.rstrip("/") for o in allow_origins))
@@ -144,7 +161,7 @@ class GuardMiddleware:
         if origin and scope["method"] not in ("GET", "HEAD", "OPTIONS") and not self._origin_allowed(origin, headers):
             return _error(403, "CrossOrigin", f"requests from the web origin {origin} are not allowed; start the "
                           "service with --allow-origin " + origin + " to let its pages call it")
-        if self.token is not None and scope["path"] not in OPEN_ROUTES and scope["method"] != "OPTIONS":
+        if self.token is not None and not _is_open(scope["path"], scope["method"]) and scope["method"] != "OPTIONS":
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
                 return _error(401, "Unauthorized", "this service needs 'Authorization: Bearer <token>'",
@@ -156,6 +173,49 @@ class GuardMiddleware:
         if origin.rstrip("/") in self.allow_origins or "*" in self.allow_origins:
             return True
         return urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+
+
+def _is_open(path: str, method: str) -> bool:
+    """Whether a request is answered without a token: reads of :data:`OPEN_ROUTES` and the page's static files."""
+    return method in ("GET", "HEAD") and (path in OPEN_ROUTES or path.startswith(OPEN_PREFIXES))
+
+
+def _add_page(app: Any) -> None:
+    """GET / (the page) and GET /static/NAME (its files). Only the files present at start-up are served, by name, so
+    no request path ever reaches the file system."""
+    from fastapi.responses import Response
+    from starlette.exceptions import HTTPException
+
+    files = {p.name: p for p in STATIC.glob("*") if p.suffix in _CONTENT_TYPES} if STATIC.is_dir() else {}
+
+    def send(name: str) -> Response:
+        if name not in files:
+            what = "the web page is not installed with this copy of fromface" if name == "index.html" else \
+                f"no such file: /static/{name}"
+            raise HTTPException(404, what)
+        return Response(files[name].read_bytes(), media_type=_CONTENT_TYPES[files[name].suffix],
+                        headers=PAGE_HEADERS)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> Response:
+        return send("index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        return send(name)
+
+
+def panel_data_url(face: Any) -> str:
+    """The face's ``--show`` panel (aligned crop, heat map in red, predicted pattern in yellow) as a PNG data URL, so
+    a browser can show what the model could not see without drawing it again."""
+    import cv2
+
+    from fromface.inference.drawing import face_panel
+
+    ok, png = cv2.imencode(".png", face_panel(face)[..., ::-1])
+    if not ok:
+        raise ImageError(face.source or "face", "could not encode its picture as PNG")
+    return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode("ascii")
 
 
 def _install_errors(app: Any) -> None:
@@ -208,9 +268,11 @@ def _add_routes(app: Any, recognizer: Any, gallery: Any, max_upload_bytes: int, 
             raise HTTPException(404, "no gallery configured: start the server with --db gallery.db")
         return gallery
 
-    def described(face) -> dict:
+    def described(face, show: bool = False) -> dict:
         out = face.to_dict(with_embedding=False)
         out["selected"] = recognizer.select  # which face was used when faces_found > 1
+        if show:
+            out["panel"] = panel_data_url(face)
         return out
 
     @app.get("/health")
@@ -219,21 +281,24 @@ def _add_routes(app: Any, recognizer: Any, gallery: Any, max_upload_bytes: int, 
         if gallery is not None:  # the file's name only: the service does not tell where it keeps its data
             info = {"name": gallery.path.name, "identities": len(gallery.names()), "templates": len(gallery)}
         return {"status": "ok", "model": recognizer.model_name, "backend": recognizer.backend,
-                "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "gallery": info}
+                "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_files": max_files,
+                "gallery": info}
 
     @app.post("/verify")
-    def verify(a: Annotated[UploadFile, File()], b: Annotated[UploadFile, File()]) -> dict:
+    def verify(a: Annotated[UploadFile, File()], b: Annotated[UploadFile, File()],
+               show: Annotated[bool, Form()] = False) -> dict:
         fa, fb = face_of(a, "a"), face_of(b, "b")
         out = recognizer.verify(fa, fb).to_dict()
-        out["faces"] = [described(fa), described(fb)]
+        out["faces"] = [described(fa, show), described(fb, show)]
         return out
 
     @app.post("/identify")
-    def identify(image: Annotated[UploadFile, File()], top_k: Annotated[int, Form()] = 5) -> dict:
+    def identify(image: Annotated[UploadFile, File()], top_k: Annotated[int, Form()] = 5,
+                 show: Annotated[bool, Form()] = False) -> dict:
         g = need_gallery()
         face = face_of(image, "image")
         matches = g.identify(face, top_k=max(1, min(int(top_k), MAX_TOP_K)))
-        return {"face": described(face), "matches": [m.to_dict() for m in matches]}
+        return {"face": described(face, show), "matches": [m.to_dict() for m in matches]}
 
     @app.post("/enroll")
     def enroll(name: Annotated[str, Form()], images: Annotated[list[UploadFile], File()],
