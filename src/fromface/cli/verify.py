@@ -25,7 +25,9 @@ def add_recognizer_args(p: argparse.ArgumentParser, select: str = "largest") -> 
     p.add_argument("--model", default=None,
                    help="'default', a registered model name (name:tag), a training checkpoint (.pt) or an exported "
                    ".onnx (default: the default model; with --db, the registered model the gallery was made with)")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="inference engine (default torch)")
+    p.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto",
+                   help="inference engine: 'auto' (default) runs a registered model's pretrained weights with "
+                   "onnxruntime and checkpoints with PyTorch")
     p.add_argument("--select", choices=("largest", "central", "single"), default=select,
                    help=f"which face of a photo to use; 'single' refuses photos with several faces (default {select})")
     p.add_argument("--fallback", action="store_true",

@@ -163,6 +163,8 @@ def load_face_model(model: Any = None, tag: str | None = None, backend: str = "a
     else:
         raise ConfigError(f"model must be a registered name, a checkpoint or ONNX path or an nn.Module; got {model!r}")
     loaded.torch_model = loaded.torch_model.to(device).eval()
+    if model is not loaded.torch_model and hasattr(loaded.torch_model, "unmasked_features"):
+        loaded.torch_model.unmasked_features = False  # a network we built: skip the unmasked pass nobody reads
     auto_onnx = registered_weights and str(device) == "cpu" and onnx_available()
     if backend == "onnx" or (backend == "auto" and auto_onnx):
         loaded.onnx = OnnxFaceModel(cached_export(loaded.torch_model, loaded.tag, loaded.thresholds), align=refine)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -121,11 +122,17 @@ def _export_graph(module, model, output_names: list[str] | None, opset: int):
         with torch.no_grad():
             output_names = list(OUTPUTS[:len(module(example))])
     batch = torch.export.Dim("batch", min=1, max=4096)
+    exporter_log = logging.getLogger("torch.onnx")  # notes such as "torchvision is not installed" are not ours
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, (example,), input_names=["input"], output_names=output_names,
-                                    dynamic_shapes={"x": {0: batch}}, opset_version=opset, dynamo=True,
-                                    external_data=False, verbose=False)
+        try:
+            program = torch.onnx.export(module, (example,), input_names=["input"], output_names=output_names,
+                                        dynamic_shapes={"x": {0: batch}}, opset_version=opset, dynamo=True,
+                                        external_data=False, verbose=False)
+        finally:
+            exporter_log.setLevel(level)
     return program.model_proto
 
 

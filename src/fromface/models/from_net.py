@@ -200,6 +200,9 @@ class FROM(nn.Module):
                 raise ConfigError(f"head_rank={head_rank}: the head of this recognizer has no linear layer")
             self.head_adapter = LowRankDelta(linears[-1], head_rank)
         self.align_head = AlignHead(c5) if align_head else None
+        #: In eval mode, also return the unmasked embedding (``features``: baselines, analysis, a FROM teacher).
+        #: It runs the network above the mask a second time; the product's loaders turn it off.
+        self.unmasked_features = True
         if not use_mask:
             self.pyramid = self.mask_decoder = self.pattern_head = None
         elif mask_init is not None:
@@ -248,7 +251,7 @@ class FROM(nn.Module):
         mask = self.predict_mask(maps)
         pattern_logits = self.pattern_head(mask)
         # The unmasked embedding is for baselines and analysis; training does not need it.
-        features = None if self.training else self._embed(masked_map)
+        features = None if self.training or not self.unmasked_features else self._embed(masked_map)
         if self.mask_target == "features":
             embedding = self._embed(masked_map * mask)
             mask = mask.expand_as(masked_map)
