@@ -37,10 +37,10 @@ test: $(VENV)/.test
 # Three verifications on the bundled example photos (examples/README.md); the occluded pair is drawn.
 demo: $(VENV)/.base
 	@mkdir -p out
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/fromface verify examples/person_a_1.jpg examples/person_a_2.jpg
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/fromface verify examples/person_a_1.jpg examples/person_a_2_occluded.png \
+	$(VENV)/bin/fromface verify examples/person_a_1.jpg examples/person_a_2.jpg
+	$(VENV)/bin/fromface verify examples/person_a_1.jpg examples/person_a_2_occluded.png \
 		--show out/demo.png
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/fromface verify examples/person_a_1.jpg examples/person_b.jpg
+	$(VENV)/bin/fromface verify examples/person_a_1.jpg examples/person_b.jpg
 
 peers: $(VENV)/.base
 	$(PIP) -q -e '.[peers]'

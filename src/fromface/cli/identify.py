@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
         size = len(gallery)
     if args.json:
         print(json.dumps({"image": args.image, "gallery_templates": size, "occluded": face.occluded,
-                          "visible_fraction": face.visible_fraction, "matches": [m.to_dict() for m in matches]},
+                          "visible_fraction": face.visible_fraction, "occlusion_report": face.occlusion_report,
+                          "matches": [m.to_dict() for m in matches]},
                          indent=2))
         return 0
     if not matches:
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     best = matches[0]
     print(f"{args.image}: {'looks like ' + best.name if best.same else 'no enrolled identity matches'} "
           f"(best score {best.score:.4f}, threshold {best.threshold:.4f}, {best.condition})")
+    if face.occlusion_report:
+        print(f"  probe: {face.occlusion_report['summary']}")
     for rank, m in enumerate(matches, 1):
         print(f"  {rank}. {m.name:<30} {m.score:.4f} {'match' if m.same else ''}")
     return 0

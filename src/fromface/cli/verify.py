@@ -57,8 +57,9 @@ def describe_face(label: str, face) -> str:
     if face.visible_fraction is None:
         return where + ", model gives no occlusion estimate"
     state = "occluded" if face.occluded else "clean"
+    words = f"; {face.occlusion_report['summary']}" if face.occlusion_report else ""
     return (f"{where}, {state}: pattern {face.pattern} (p={face.pattern_probability:.2f}), "
-            f"visible {face.visible_fraction:.0%}")
+            f"visible {face.visible_fraction:.0%}{words}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

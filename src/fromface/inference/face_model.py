@@ -27,6 +27,11 @@ from fromface.inference.onnx_backend import OnnxFaceModel, cached_export
 
 BACKENDS = ("auto", "onnx", "torch")
 
+# Idle OpenMP threads sleep instead of spinning (a default; set OMP_WAIT_POLICY yourself to choose). It only takes
+# effect if torch has not started its thread pool yet. On a small or shared CPU, spinning threads of torch,
+# onnxruntime and OpenCV stall each other (docs/api.md, "Speed").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 #: What ``"default"`` falls back to when no shipped tag is marked default: OpenCV's SFace ported to PyTorch (no
 #: occlusion head, no calibrated thresholds). The package ships a default tag, so this is for stripped installs.
 PLAIN_TRUNK_MODEL = "sface_net_face"

@@ -41,7 +41,29 @@ def align_path(path: str | os.PathLike) -> Path:
 
 
 def _wrapper(model):
+    """(full graph, align graph or None) as modules the exporter takes, on a copy of ``model`` whose PReLUs are
+    written as ``relu(x) + slope * min(x, 0)``: the same function, which onnxruntime runs in its blocked conv layout,
+    where its PReLU kernel makes it convert every map back and forth (measured: the align graph 2.2x, the full
+    graph 1.5x faster on a CPU)."""
+    import copy
+
     import torch
+
+    class _FastPReLU(torch.nn.Module):
+        def __init__(self, prelu: torch.nn.PReLU):
+            super().__init__()
+            self.slope = torch.nn.Parameter(prelu.weight.detach().clone(), requires_grad=False)
+
+        def forward(self, x):
+            slope = self.slope.view(1, -1, *([1] * (x.dim() - 2))) if self.slope.numel() > 1 else self.slope
+            return torch.relu(x) + slope * torch.clamp(x, max=0.0)
+
+    def swap(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.PReLU):
+                setattr(module, name, _FastPReLU(child))
+            else:
+                swap(child)
 
     class _Export(torch.nn.Module):
         """Turns FaceOutput into a plain tuple (the exporter wants tensors, not None)."""
@@ -66,7 +88,11 @@ def _wrapper(model):
         def forward(self, x):
             return self.net.predict_landmark_shift(x)
 
-    return _Export(model).eval(), (_AlignExport(model).eval() if getattr(model, "align_head", None) else None)
+    net = copy.deepcopy(model).eval()
+    if hasattr(net, "unmasked_features"):
+        net.unmasked_features = False  # not an output of the export
+    swap(net)
+    return _Export(net).eval(), (_AlignExport(net).eval() if getattr(net, "align_head", None) else None)
 
 
 def model_metadata(model, tag: str | None = None, thresholds: dict | None = None) -> dict[str, str]:
@@ -160,7 +186,7 @@ def cached_export(model, tag: str | None = None, thresholds: dict | None = None)
     from fromface.models.weights import cache_dir, state_digest
 
     name = getattr(model, "model_name", type(model).__name__)
-    key = [tag, thresholds or {}, "align graph"]  # exports made before the align graph existed are not reused
+    key = [tag, thresholds or {}, "align graph", "fast prelu"]  # exports made by older code are not reused
     extra = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:6]
     folder = cache_dir() / "onnx" / f"{name}-{state_digest(model)}-{extra}"
     path = folder / "model.onnx"
@@ -182,8 +208,10 @@ def cached_export(model, tag: str | None = None, thresholds: dict | None = None)
 
 def session_options(threads: int | None = None):
     """onnxruntime options as the library runs them: ``threads`` intra-op threads (default: ``OMP_NUM_THREADS``
-    when set, as for torch, else onnxruntime's one per physical core), and no spinning when
-    ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep, for shared, busy CPUs)."""
+    when set, as for torch, else onnxruntime's one per physical core), and idle threads that sleep rather than spin
+    unless ``OMP_WAIT_POLICY=ACTIVE``. Spinning threads of the two graphs' sessions, OpenCV's detector and any other
+    busy process stall each other: on a 2-core CPU the default path ran at about half its speed with spinning on
+    (``benchmarks/e2e_speed.py --omp-wait default``, docs/api.md)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -191,7 +219,7 @@ def session_options(threads: int | None = None):
                           else None)
     if threads:
         options.intra_op_num_threads = int(threads)
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "ACTIVE":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 

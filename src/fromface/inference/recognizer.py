@@ -17,7 +17,9 @@ import numpy as np
 from fromface.data.images import ImageSource, describe_source, load_image
 from fromface.errors import ConfigError, FromfaceError
 from fromface.faces.aligner import FaceAligner
+from fromface.faces.alignment import get_template
 from fromface.inference.decision import accepts
+from fromface.inference.occlusion_report import occlusion_report
 from fromface.occlusion.patterns import PatternVocabulary, num_patterns
 
 #: Cosine threshold used when the model has no calibrated thresholds (``reason="uncalibrated"``). 0.35 is a
@@ -63,6 +65,9 @@ class FaceEmbedding:
     visible_fraction: float | None = None
     source: str = ""
     faces_found: int = 1  # faces detected in the image; this one was chosen by the recognizer's ``select`` rule
+    #: which of eyes, nose and mouth the model sees as covered, in words (:func:`occlusion_report`); None for plain
+    #: models
+    occlusion_report: dict[str, Any] | None = None
 
     @property
     def occluded(self) -> bool | None:
@@ -87,6 +92,7 @@ class FaceEmbedding:
             "pattern_box": list(self.pattern_box) if self.pattern_box is not None else None,
             "visible_fraction": _round(self.visible_fraction),
             "heatmap": None if self.heatmap is None else np.round(self.heatmap, 3).tolist(),
+            "occlusion_report": self.occlusion_report,
         }
         if with_embedding:
             out["embedding"] = [float(v) for v in self.embedding]
@@ -158,6 +164,7 @@ class FaceRecognizer:
         self.aligner = FaceAligner(m.preprocess.template, select="all" if select == "single" else select,
                                    fallback=fallback, detector=detector, refine=refiner)
         self._vocab = None
+        self._crop_points = get_template(m.preprocess.template).points_at(m.preprocess.size)  # eyes, nose, mouth
 
     # ------------------------------------------------------------------ embedding
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -217,6 +224,8 @@ class FaceRecognizer:
                 fe.heatmap = mask[k].mean(axis=0).astype(np.float32)
             if logits is not None:
                 self._add_pattern(fe, logits[k], h, w)
+            fe.occlusion_report = occlusion_report(fe.heatmap, fe.pattern_box, fe.pattern, fe.occluded, (h, w),
+                                                   self._crop_points)
             out.append(fe)
         return out
 
