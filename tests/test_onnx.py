@@ -125,6 +125,54 @@ def test_align_head_is_exported_as_its_own_graph(tmp_path):
         without.landmark_shift(x)
 
 
+def test_cli_export_writes_both_graphs_and_keeps_existing_files(tmp_path, capsys):
+    import torch
+
+    from fromface.cli.main import main
+    from fromface.models import create_model
+
+    torch.manual_seed(2)
+    net = create_model("from_mobilefacenet", embedding_dim=128, align_head=True).eval()
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"model_name": "from_mobilefacenet", "model_kwargs": {"embedding_dim": 128, "align_head": True},
+                "state_dict": net.state_dict()}, ckpt)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "onnx", str(out), "--model", str(ckpt)]) == 0  # compares both graphs with torch
+    assert "m.align.onnx: its align head" in capsys.readouterr().out and (tmp_path / "m.align.onnx").is_file()
+    out.unlink()
+    before = (tmp_path / "m.align.onnx").read_bytes()
+    assert main(["export", "onnx", str(out), "--model", str(ckpt)]) == 2  # the align graph is there already
+    assert "m.align.onnx: already exists; use --force" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "m.align.onnx").read_bytes() == before
+    assert main(["export", "onnx", str(out), "--model", str(ckpt), "--force"]) == 0
+
+
+def test_auto_backend_choice(exported, monkeypatch):
+    import fromface.inference.face_model as face_model
+
+    _, ckpt, _ = exported
+    assert face_model.load_face_model(ckpt).backend == "torch"  # a checkpoint under training stays in PyTorch
+    assert face_model.load_face_model(ckpt, backend="onnx").backend == "onnx"
+    monkeypatch.setattr(face_model, "onnx_available", lambda: False)  # no onnxruntime/onnxscript installed
+    default = face_model.load_face_model()
+    assert default.backend == "torch" and default.model_id == "from_sface_net:celeba299-realign"
+    with pytest.raises(face_model.ConfigError, match="backend must be one of auto, onnx, torch"):
+        face_model.load_face_model(ckpt, backend="tensorrt")
+
+
+def test_sessions_sleep_unless_told_to_spin(monkeypatch):
+    from fromface.inference.onnx_backend import session_options
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    options = session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 3 and session_options(threads=1).intra_op_num_threads == 1
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with pytest.raises(Exception, match="does not have configuration"):  # onnxruntime's default: spinning
+        session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_bad_onnx_files(tmp_path):
     from fromface.errors import ConfigError
     from fromface.inference.onnx_backend import OnnxFaceModel
