@@ -80,8 +80,9 @@ def _setup(args: argparse.Namespace) -> list:
         cv2.setNumThreads(args.threads)
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
-    return [load_embedder(m, select=args.select, fallback=not args.no_fallback, flip=args.flip,
-                          batch_size=args.batch_size, refine=not args.no_refine, backend=args.backend) for m in args.models]
+    options = {"select": args.select, "fallback": not args.no_fallback, "flip": args.flip,
+               "batch_size": args.batch_size, "refine": not args.no_refine, "backend": args.backend}
+    return [load_embedder(m, **options) for m in args.models]
 
 
 def _bins(text: str) -> tuple[float, ...]:

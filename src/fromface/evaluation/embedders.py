@@ -97,7 +97,8 @@ def _resolve(spec: str, select: str, fallback: bool, flip: bool, batch_size: int
         if not path.is_file():
             kind = "ONNX" if path.suffix.lower() == ".onnx" else "checkpoint"
             raise ConfigError(f"{path}: {kind} file not found")
-        return ModelEmbedder(load_face_model(path, refine=refine), path.stem, _file_identity(path), refine=refine, **options)
+        model = load_face_model(path, refine=refine)
+        return ModelEmbedder(model, path.stem, _file_identity(path), refine=refine, **options)
     model = load_face_model(spec, backend=backend, refine=refine)
     # The cache key holds the weights' digest only: renaming or adding a pretrained tag must not invalidate it.
     name = spec if spec != "default" else model.model_id
