@@ -184,7 +184,7 @@ def main() -> int:
     for linkage, n, seconds, peak, f in planted_timing():
         print(f"| {linkage} | {n:,} | {seconds:.1f} | {peak:.0f} | {f:.3f} |")
     print(f"\n(n x n float32 scores for 10,000 faces would be {10_000 ** 2 * 4 / 2**20:.0f} MiB; "
-          f"{os.cpu_count()} CPUs, shared with other work)")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
     return 0
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fromface.errors import AlreadyEnrolledError, ConfigError, DataError, NoFaceError
+from fromface.errors import AlreadyEnrolledError, ConfigError, DataError, ImageError, NoFaceError
 from fromface.inference.gallery import Gallery, Template
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -119,6 +119,17 @@ def test_enroll_and_identify_images_all_or_nothing(tmp_path):
     with pytest.raises(NoFaceError):
         strict.enroll("cid", [pics[0], blank])  # second image has no face: nothing is written
     assert "cid" not in strict.names() and len(strict) == 3
+    # several people at once: each all or nothing, one person's failure does not stop the others
+    fresh = [np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((112, 112)))
+             for _ in range(4)]
+    results = g.enroll_each({"dan": [pics[1]], "cid": [fresh[0], b"not an image"], "bob": [fresh[1]],
+                             "fay": fresh[2:4], "hal": [fresh[0]]})
+    assert list(results) == ["dan", "cid", "bob", "fay", "hal"]
+    assert isinstance(results["cid"], ImageError) and "cid" not in g.names()
+    assert isinstance(results["bob"], AlreadyEnrolledError)  # refused before any embedding, nothing added
+    assert results["dan"].added == 0 and "already enrolled as 'ann'" in results["dan"].skipped[0]
+    assert results["fay"].added == 2 and results["hal"].added == 1  # hal's photo is not lost with cid's
+    assert g.counts() == {"ann": 2, "bob": 1, "fay": 2, "hal": 1}
     g.close()
     strict.close()
 

@@ -87,6 +87,21 @@ def test_batch_matches_single(recognizer):
     assert recognizer.embed([]) == []
 
 
+def test_embed_each_keeps_going_past_a_bad_image(recognizer, tmp_path):
+    from fromface.errors import ImageError
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    imgs = [photo(5), str(broken), photo(6)]
+    results = recognizer.embed_each(imgs)
+    assert isinstance(results[1], ImageError) and "broken.jpg" in str(results[1])
+    for img, faces in zip([imgs[0], imgs[2]], [results[0], results[2]]):
+        np.testing.assert_allclose(faces[0].embedding, recognizer.embed(img)[0].embedding, atol=1e-4)
+    with pytest.raises(ImageError, match="broken.jpg"):
+        recognizer.embed(imgs)  # embed raises on the first bad image
+    assert recognizer.embed_each([]) == []
+
+
 def test_verify_uncalibrated_and_identical(recognizer):
     v = recognizer.verify(photo(6), photo(6))
     assert v.score == pytest.approx(1.0, abs=1e-5) and v.same

@@ -47,16 +47,12 @@ def run(args: argparse.Namespace) -> int:
     skipped = [f"{path.relative_to(root)}: {why}" for path, why in passed]
     for start in range(0, len(files), max(args.batch, 1)):
         chunk = files[start:start + max(args.batch, 1)]
-        try:
-            results = [r[0] for r in recognizer.embed([str(f) for f in chunk])]
-            pairs = list(zip(chunk, results))
-        except FromfaceError:  # find the bad file(s) one by one so the rest of the batch is kept
-            pairs = []
-            for f in chunk:
-                try:
-                    pairs.append((f, recognizer.embed(str(f))[0]))
-                except FromfaceError as exc:
-                    skipped.append(f"{f.relative_to(root)}: {cli_wording(str(exc))}")
+        pairs = []
+        for f, found in zip(chunk, recognizer.embed_each([str(f) for f in chunk])):
+            if isinstance(found, FromfaceError):  # this file is reported; the rest of the batch is kept
+                skipped.append(f"{f.relative_to(root)}: {cli_wording(str(found))}")
+            else:
+                pairs.append((f, found[0]))
         for f, face in pairs:
             kept.append(str(f.relative_to(root)))
             faces.append(face)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from fromface.cli._messages import cli_wording
@@ -72,20 +73,33 @@ def run(args: argparse.Namespace) -> int:
     for path, why in passed:
         print(f"skipped {path}: {why}", file=sys.stderr)
     failed = 0
+    mode = "add" if args.add else "new"
     with Gallery(args.db) as gallery:
         recognizer_for_gallery(args, gallery)
-        for person, files in people.items():
-            try:
-                result = gallery.enroll(person, [str(f) for f in files], mode="add" if args.add else "new")
-            except FromfaceError as exc:
-                failed += 1
-                print(f"skipped {person}: {cli_wording(str(exc))}", file=sys.stderr)
-                continue
-            again = f", {len(result.skipped)} already enrolled" if result.skipped else ""
-            print(f"enrolled {person}: {result.added} template{'s' * (result.added != 1)} added{again} "
-                  f"({result.templates} in all)")
-            for line in result.skipped:
-                print(f"  skipped {line}", file=sys.stderr)
+        for group in _groups(people, gallery.recognizer.batch_size):  # people whose photos share a batch
+            results = gallery.enroll_each({person: [str(f) for f in files] for person, files in group.items()}, mode)
+            for person, result in results.items():
+                if isinstance(result, FromfaceError):
+                    failed += 1
+                    print(f"skipped {person}: {cli_wording(str(result))}", file=sys.stderr)
+                    continue
+                again = f", {len(result.skipped)} already enrolled" if result.skipped else ""
+                print(f"enrolled {person}: {result.added} template{'s' * (result.added != 1)} added{again} "
+                      f"({result.templates} in all)")
+                for line in result.skipped:
+                    print(f"  skipped {line}", file=sys.stderr)
         total, count = len(gallery), len(gallery.names())
     print(f"{args.db}: {count} identities, {total} templates ({failed} identit{'ies' if failed != 1 else 'y'} skipped)")
     return 1 if failed else 0
+
+
+def _groups(people: dict[str, list], images: int) -> Iterator[dict[str, list]]:
+    """Consecutive people, in order, with about ``images`` photos per group (one person is never split)."""
+    group: dict[str, list] = {}
+    for person, files in people.items():
+        group[person] = files
+        if sum(len(f) for f in group.values()) >= images:
+            yield group
+            group = {}
+    if group:
+        yield group

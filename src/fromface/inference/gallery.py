@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from fromface.data.images import describe_source
-from fromface.errors import AlreadyEnrolledError, ConfigError, DataError, ImageError
+from fromface.errors import AlreadyEnrolledError, ConfigError, DataError, FromfaceError, ImageError
 from fromface.inference.decision import accepts
 from fromface.inference.recognizer import FaceEmbedding, FaceRecognizer
 
@@ -331,20 +331,58 @@ class Gallery:
         bytes) is skipped and reported, so re-running an enrolment adds nothing twice. All or nothing: every image
         is embedded before anything is written, and the rows go in one transaction.
         """
+        result = self.enroll_each({name: images}, mode)[name]
+        if isinstance(result, FromfaceError):
+            raise result
+        return result
 
+    def enroll_each(self, people: Mapping[str, Any], mode: str = "new") -> dict[str, Enrolment | FromfaceError]:
+        """:meth:`enroll` for several people at once, ``{name: images}``: their photos share the recognizer's
+        batches (a folder of people with a photo or two each embeds as fast as one big list). Each person is still
+        all or nothing, in a transaction of their own; a person who fails (a photo without a face, a name already
+        enrolled) gets the error in their place, and the others are enrolled."""
         _check_mode(mode)
+        out: dict[str, Enrolment | FromfaceError] = {}
+        plans: dict[str, tuple[list, list[str | None], list[int], list[str]]] = {}
+        for name, images in people.items():
+            try:
+                plans[name] = self._plan(name, images, mode)
+            except FromfaceError as exc:
+                out[name] = exc
+        todo = [(name, k) for name, (_, _, ks, _) in plans.items() for k in ks]
+        found = self.recognizer.embed_each([plans[name][0][k] for name, k in todo]) if todo else []
+        faces: dict[str, list] = {name: [] for name in plans}
+        for (name, _), result in zip(todo, found):
+            if isinstance(result, FromfaceError):
+                out.setdefault(name, result)
+            else:
+                faces[name].append(result[0])
+        for name, (_, digests, ks, skipped) in plans.items():
+            if name in out:
+                continue
+            if not ks:
+                out[name] = Enrolment(check_name(name), 0, skipped, self.counts().get(check_name(name), 0))
+                continue
+            try:
+                out[name] = self._store_faces(check_name(name), faces[name], [digests[k] for k in ks], skipped, mode)
+            except FromfaceError as exc:
+                out[name] = exc
+        return {name: out[name] for name in people}
+
+    def _plan(self, name: str, images: Any, mode: str) -> tuple[list, list[str | None], list[int], list[str]]:
+        """(images, their digests, indices of those to embed, "label: reason" for the others), checked before any
+        embedding work: a bad name, no images, or a name already enrolled in ``mode="new"`` is refused here."""
         name = check_name(name)
         if isinstance(images, (str, os.PathLike, bytes, bytearray, np.ndarray)) or not isinstance(images, Sequence):
             images = [images]
+        images = list(images)
         if not images:
             raise DataError(f"enrolment of {name!r}: no images given")
         digests = [image_digest(img) for img in images]
         todo, skipped = self._new_images([describe_source(img) for img in images], digests)
-        if not todo:
-            return Enrolment(name, 0, skipped, self.counts().get(name, 0))
-        self.refuse_existing(name, mode, len(todo))  # before the embedding work, and again when writing
-        faces = [found[0] for found in self.recognizer.embed([images[k] for k in todo])]
-        return self._store_faces(name, faces, [digests[k] for k in todo], skipped, mode)
+        if todo:
+            self.refuse_existing(name, mode, len(todo))  # before the embedding work, and again when writing
+        return images, digests, todo, skipped
 
     def enroll_faces(self, name: str, faces: Sequence[Any], digests: Sequence[str | None] | None = None,
                      mode: str = "new") -> Enrolment:

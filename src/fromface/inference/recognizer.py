@@ -184,17 +184,33 @@ class FaceRecognizer:
     def embed(self, images: ImageSource | Sequence[ImageSource]) -> list[FaceEmbedding] | list[list[FaceEmbedding]]:
         """Faces of one image (a list of :class:`FaceEmbedding`) or, for a list/tuple of images, one such list per
         image. Images may be paths, encoded bytes, PIL images or RGB arrays. The faces of consecutive images share
-        batches: ``batch_size`` of them go through the align head together, then through the network."""
-        batch = list(images) if _is_batch(images) else [images]
-        results: list[list[FaceEmbedding]] = [[] for _ in batch]
+        batches: ``batch_size`` of them go through the align head together, then through the network. The first
+        image that fails (unreadable, no face) raises."""
+        results = self._embed_images(list(images) if _is_batch(images) else [images], keep_errors=False)
+        return results if _is_batch(images) else results[0]
+
+    def embed_each(self, images: Sequence[ImageSource]) -> list[list[FaceEmbedding] | FromfaceError]:
+        """Like :meth:`embed` for a list of images, but an image that fails gets its error (a
+        :class:`~fromface.errors.FromfaceError`: unreadable, no face, several faces under ``select="single"``) in
+        its place instead of raising, so a folder's good photos keep sharing batches."""
+        return self._embed_images(list(images), keep_errors=True)
+
+    def _embed_images(self, batch: list, keep_errors: bool) -> list:
+        results: list = [[] for _ in batch]
         pending: list[tuple[int, np.ndarray, Any]] = []  # (image index, decoded image, face); images freed per batch
         for i, image in enumerate(batch):
-            rgb, faces = self._located(image)
+            try:
+                rgb, faces = self._located(image)
+            except FromfaceError as exc:
+                if not keep_errors:
+                    raise
+                results[i] = exc
+                faces = []
             pending += [(i, rgb, face) for face in faces]
-            if len(pending) >= self.batch_size or i == len(batch) - 1:
+            if len(pending) >= self.batch_size or (i == len(batch) - 1 and pending):
                 self._embed_pending(pending, batch, results)
                 pending = []
-        return results if _is_batch(images) else results[0]
+        return results
 
     def _embed_pending(self, pending: list[tuple[int, np.ndarray, Any]], batch: list, results: list[list]) -> None:
         self.aligner.recrop([(rgb, face) for _, rgb, face in pending])
