@@ -158,16 +158,35 @@ def test_refine_step_warps_again_from_the_corrected_points():
     plain = FaceAligner("arcface112", detector=FixedDetector()).align(photo)[0]
     seen = []
 
-    def refine(crop):  # the face's points lie 0.1 crop widths right and 0.05 heights down of the template's
-        seen.append(crop)
-        return np.tile([[0.1, 0.05]], (5, 1))
+    def refine(crops):  # the faces' points lie 0.1 crop widths right and 0.05 heights down of the template's
+        seen.append(crops)
+        return np.tile([[0.1, 0.05]], (len(crops), 5, 1))
 
     refined = FaceAligner("arcface112", detector=FixedDetector(), refine=refine).align(photo)[0]
-    assert np.array_equal(seen[0], plain.crop)  # asked about the detector's crop
+    assert len(seen) == 1 and np.array_equal(seen[0][0], plain.crop)  # asked once, about the detector's crop
     # 0.1 x 112 crop px at the crop's scale of 2 px per photo px: 5.6 photo px right, 2.8 down
     assert np.allclose(refined.landmarks, plain.landmarks + [5.6, 2.8], atol=1e-6)
     assert np.array_equal(refined.crop, warp_face(photo, plain.landmarks + [5.6, 2.8], "arcface112"))
     assert refined.method == plain.method == "detected"
+
+
+def test_recrop_asks_the_align_head_once_for_the_faces_of_many_photos():
+    rng = np.random.default_rng(1)
+    photos = [rng.integers(0, 256, (100, 100, 3), dtype=np.uint8) for _ in range(3)]
+    calls = []
+
+    def refine(crops):  # a different shift per face, from its crop's mean: results must stay with their face
+        calls.append(len(crops))
+        return np.stack([np.tile([[c.mean() / 2550.0, 0.0]], (5, 1)) for c in crops])
+
+    aligner = FaceAligner("arcface112", detector=FixedDetector(), refine=refine)
+    one_by_one = [aligner.align(p)[0] for p in photos]
+    calls.clear()
+    located = [(p, aligner.locate(p)[0]) for p in photos]
+    aligner.recrop(located)
+    assert calls == [3]
+    for (_, face), single in zip(located, one_by_one):
+        assert np.array_equal(face.crop, single.crop) and np.allclose(face.landmarks, single.landmarks)
 
 
 def test_no_face_raises_naming_source_or_falls_back(tmp_path):
