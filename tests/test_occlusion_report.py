@@ -93,6 +93,7 @@ def test_masked_lfw_photo_through_the_recognizer():
         fe = rec.embed_one(image)
         seen[name] = occlusion_report(fe.heatmap, fe.pattern_box, fe.pattern, fe.occluded, rec.preprocess.size,
                                       points)
+        assert fe.occlusion_report == seen[name] and fe.to_dict()["occlusion_report"] == seen[name]  # wired in
     assert seen["clean"]["summary"] == "nothing covered"
     assert "mouth" in seen["masked"]["covered"] and "eyes" in seen["masked"]["visible"]
     assert seen["masked"]["summary"].startswith("mouth")

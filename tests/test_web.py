@@ -215,6 +215,7 @@ def test_verify_masked_pair_shows_the_occlusion(server, browser, tmp_path):
     assert browser.find_element("id", "verify-verdict").text == "Same person" and "occluded" in text
     a, b = faces_shown(browser, "verify")
     assert "clean: pattern 0" in a and "occluded: pattern" in b
+    assert "nothing covered" in a and "mouth" in b and "covered" in b  # the occlusion report, in words
     screenshot(browser, "verify", tmp_path)
 
 
