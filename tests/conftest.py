@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -82,3 +83,19 @@ def start_server(args: list[str], log_dir: Path) -> tuple[subprocess.Popen, str,
             proc.kill()
             pytest.fail("server did not answer /health within 120 s")
         time.sleep(0.3)
+
+
+def serving(args: list[str], log_dir: Path) -> Iterator[str]:
+    """A module fixture's body: `fromface serve ARGS` running while the fixture is in use; yields its base URL and
+    stops the server after (terminate, then kill if it does not stop within 20 s)."""
+    proc, base, log = start_server(args, log_dir)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+        log.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import urllib.error
 import urllib.request
 import uuid
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import LFW_IMAGES, start_server
+from conftest import LFW_IMAGES, serving
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -60,25 +59,10 @@ def _send(req) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def _serve(args: list[str], log_dir: Path):
-    """Start `fromface serve ARGS` on a free port; yields its base URL once /health answers, stops it after."""
-    proc, base, log = start_server(args, log_dir)
-    try:
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
-        log.close()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    yield from _serve(["--db", str(tmp / "gallery.db"), "--model", "from_mobilefacenet", "--fallback",
+    yield from serving(["--db", str(tmp / "gallery.db"), "--model", "from_mobilefacenet", "--fallback",
                        "--max-upload-mb", "0.05", "--max-pixels", "250000"], tmp)
 
 
@@ -183,7 +167,7 @@ def ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bare(tmp_path_factory, ckpt):
     """No --db and no --fallback."""
-    yield from _serve(["--model", str(ckpt)], tmp_path_factory.mktemp("bare"))
+    yield from serving(["--model", str(ckpt)], tmp_path_factory.mktemp("bare"))
 
 
 CROWD = 120  # identities in the crowded gallery: more than /identify may return
@@ -202,7 +186,7 @@ def crowded(tmp_path_factory, ckpt):
     model_id = "sha256:" + hashlib.sha256(ckpt.read_bytes()).hexdigest()  # how a model file is named in a gallery
     with Gallery(tmp / "gallery.db") as g:
         assert g.enroll_many(people, model=model_id, source=str(ckpt.resolve())) == CROWD
-    yield from _serve(["--db", str(tmp / "gallery.db"), "--model", str(ckpt)], tmp)
+    yield from serving(["--db", str(tmp / "gallery.db"), "--model", str(ckpt)], tmp)
 
 
 def test_enroll_file_count_limit(server):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import LFW_IMAGES, start_server
+from conftest import LFW_IMAGES, serving
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 WAIT = 90  # seconds for one answer on the page (a CPU embeds two faces in about a second)
@@ -53,18 +52,9 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web")
     token = secrets.token_urlsafe(24)
     (tmp / "token").write_text(token + "\n")
-    proc, base, log = start_server(["--db", str(tmp / "gallery.db"), "--token-file", str(tmp / "token"),
-                                    "--max-upload-mb", str(UPLOAD_LIMIT_MB)], tmp)
-    try:
+    for base in serving(["--db", str(tmp / "gallery.db"), "--token-file", str(tmp / "token"),
+                         "--max-upload-mb", str(UPLOAD_LIMIT_MB)], tmp):
         yield base, token
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
-        log.close()
 
 
 @pytest.fixture(scope="module")

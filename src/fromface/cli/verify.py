@@ -20,19 +20,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_recognizer_args(p: argparse.ArgumentParser, select: str = "largest") -> None:
-    """Options that choose and configure the FaceRecognizer."""
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options that choose the model, its engine and its threshold."""
     p.add_argument("--model", default=None,
                    help="'default', a registered model name (name:tag), a training checkpoint (.pt) or an exported "
                    ".onnx (default: the default model; with --db, the registered model the gallery was made with)")
     p.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto",
                    help="inference engine: 'auto' (default) runs a registered model's pretrained weights with "
                    "onnxruntime and checkpoints with PyTorch")
+    p.add_argument("--threshold", type=float, default=None, help="cosine threshold overriding the calibrated one")
+
+
+def add_recognizer_args(p: argparse.ArgumentParser, select: str = "largest") -> None:
+    """Options that choose and configure the FaceRecognizer: the model's, and which face of a photo is used."""
+    add_model_args(p)
     p.add_argument("--select", choices=("largest", "central", "single"), default=select,
                    help=f"which face of a photo to use; 'single' refuses photos with several faces (default {select})")
     p.add_argument("--fallback", action="store_true",
                    help="centre-crop photos where no face is detected (for photos already cropped to one face)")
-    p.add_argument("--threshold", type=float, default=None, help="cosine threshold overriding the calibrated one")
 
 
 def recognizer_from_args(args: argparse.Namespace):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fromface.cli._output import check_output_file
-from fromface.cli.verify import positive_int
+from fromface.cli.verify import add_model_args, positive_int
 from fromface.errors import DataError
 
 #: Exit status when the stream ended before its end (what was read is written), and after Ctrl-C.
@@ -48,13 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop after reading N frames (default: the whole file; a camera until Ctrl-C)")
     p.add_argument("--force", action="store_true", help="overwrite --out and --csv if they exist")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--model", default=None,
-                   help="'default', a registered model name (name:tag), a training checkpoint (.pt) or an exported "
-                   ".onnx (default: the registered model the gallery was made with)")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
-                   help="inference engine: onnxruntime for a registered model where it is installed, else PyTorch "
-                   "(auto, the default), or either one")
-    p.add_argument("--threshold", type=float, default=None, help="cosine threshold overriding the calibrated one")
+    add_model_args(p)
     p.set_defaults(func=run, select="all", fallback=False)  # every face of a frame; never a centre crop
 
 
