@@ -99,3 +99,18 @@ def serving(args: list[str], log_dir: Path) -> Iterator[str]:
             proc.kill()
             proc.wait(timeout=20)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    """A seeded, untrained FROM checkpoint (128-d): every command of a CLI test loads the same weights, fast."""
+    import torch
+
+    from fromface.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("from_mobilefacenet", embedding_dim=128)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save({"model_name": "from_mobilefacenet", "model_kwargs": {"embedding_dim": 128},
+                "state_dict": net.state_dict()}, path)
+    return str(path)

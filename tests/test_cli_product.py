@@ -16,20 +16,6 @@ from conftest import LFW_IMAGES
 from fromface.cli.main import main
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    import torch
-
-    from fromface.models import create_model
-
-    torch.manual_seed(0)
-    net = create_model("from_mobilefacenet", embedding_dim=128)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save({"model_name": "from_mobilefacenet", "model_kwargs": {"embedding_dim": 128},
-                "state_dict": net.state_dict()}, path)
-    return str(path)
-
-
 def save(path, seed: int, size: int = 96):
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)

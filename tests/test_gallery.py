@@ -232,6 +232,77 @@ def test_bulk_enrolment_exact_search(tmp_path):
     g.close()
 
 
+def per_identity_best(vecs: np.ndarray, owners: list[str], probe: np.ndarray, top_k: int) -> list[tuple[str, float]]:
+    """The reference: every template scored, each identity's best, the top_k identities."""
+    unit_vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    scores = unit_vecs @ (probe / np.linalg.norm(probe))
+    best: dict[str, float] = {}
+    for name, score in zip(owners, scores):
+        best[name] = max(best.get(name, -2.0), float(score))
+    return sorted(best.items(), key=lambda kv: -kv[1])[:top_k]
+
+
+def test_enrolments_are_appended_to_the_loaded_matrix(tmp_path, monkeypatch):
+    rng = np.random.default_rng(8)
+    g = Gallery(tmp_path / "g.db")
+    other = Gallery(tmp_path / "g.db")  # another process's view of the same file
+    g.enroll_templates("a", [Template(unit(rng)) for _ in range(3)])
+    g.matrix()
+    reads = []
+    original = Gallery._rows_after
+    monkeypatch.setattr(Gallery, "_rows_after", lambda self, cache, last: reads.append(last) or
+                        original(self, cache, last))
+    g.enroll_templates("b", [Template(unit(rng))])
+    other.enroll_templates("a", [Template(unit(rng))], mode="add")  # added to an identity already loaded
+    mat, ids, names, owner, _ = g.matrix()
+    assert reads == [3] and len(mat) == 5 and names == ["a", "b"]  # only the rows after id 3 were read
+    assert [names[o] for o in owner] == ["a", "a", "a", "b", "a"]
+    assert other.remove("b") == 1  # a removal reloads the matrix whole
+    mat, _, names, owner, _ = g.matrix()
+    assert reads[-1] == 0 and len(mat) == 4 and names == ["a"]
+    assert [m.name for m in g.search(unit(rng), top_k=5)] == ["a"]
+    g.close()
+    other.close()
+
+
+def test_top_k_is_per_identity_even_when_one_identity_crowds_the_nearest(tmp_path):
+    rng = np.random.default_rng(9)
+    probe = unit(rng, 32)
+    crowd = probe + 0.05 * rng.standard_normal((60, 32)).astype(np.float32)  # 60 near templates of one person
+    others = rng.standard_normal((200, 32)).astype(np.float32)
+    g = Gallery(tmp_path / "g.db")
+    g.enroll_templates("crowd", [Template(v) for v in crowd])
+    g.enroll_many({f"p{i:03d}": [Template(others[2 * i]), Template(others[2 * i + 1])] for i in range(100)})
+    vecs = np.vstack([crowd, others])
+    owners = ["crowd"] * 60 + [f"p{i // 2:03d}" for i in range(200)]
+    for top_k in (1, 3, 10, 500):
+        got = [(m.name, m.score) for m in g.search(probe, top_k=top_k)]
+        want = per_identity_best(vecs, owners, probe, top_k)
+        assert [n for n, _ in got] == [n for n, _ in want] and len({n for n, _ in got}) == len(got)
+        assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-5)
+    g.close()
+
+
+def test_approximate_index_above_the_exact_size_keeps_recall(tmp_path):
+    pytest.importorskip("faiss")  # a test extra; installed in CI
+    rng = np.random.default_rng(10)
+    vecs = rng.standard_normal((6_000, 64)).astype(np.float32)
+    people = {f"p{i:04d}": [Template(v) for v in vecs[3 * i:3 * i + 3]] for i in range(2_000)}
+    exact = Gallery(tmp_path / "g.db", use_faiss=False)
+    exact.enroll_many(people)
+    approx = Gallery(tmp_path / "g.db", exact_up_to=1_000)
+    probes = vecs[rng.choice(6_000, 200, replace=False)] + 0.3 * rng.standard_normal((200, 64)).astype(np.float32)
+    hits = sum(approx.search(p, top_k=1)[0].name == exact.search(p, top_k=1)[0].name for p in probes)
+    assert approx._ann is not None and hits / len(probes) >= 0.95  # recall@1 of the index against exact search
+    top = approx.search(probes[0], top_k=5)
+    assert len({m.name for m in top}) == 5 and [m.score for m in top] == sorted((m.score for m in top), reverse=True)
+    approx.enroll_templates("late", [Template(probes[1])])  # added to the index as enrolled
+    assert approx.search(probes[1], top_k=1)[0].name == "late"
+    assert approx.remove("late") == 1 and approx.search(probes[1], top_k=1)[0].name != "late"  # index rebuilt
+    exact.close()
+    approx.close()
+
+
 # ---------------------------------------------------------------------------------------- one Gallery, many threads
 class FixedThreshold:
     """Stands in for the recognizer in :meth:`Gallery.identify` of ready embeddings: threshold 0.5, any condition."""

@@ -1,4 +1,5 @@
-"""``fromface enroll``: add people to a gallery, from a folder of identity sub-folders or from images with --name."""
+"""``fromface enroll``: add people to a gallery, from a folder of identity sub-folders, from images with --name, or
+from the output of ``fromface embed`` (``--from``, no embedding); ``--shard K/N`` takes one shard of the identities."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from fromface.cli._messages import cli_wording
 from fromface.cli.verify import add_recognizer_args
 from fromface.data.images import scan_images
-from fromface.errors import DataError, FromfaceError
+from fromface.errors import ConfigError, DataError, FromfaceError
 
 
 def plan(inputs: list[str], name: str | None) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
@@ -51,27 +52,63 @@ def plan(inputs: list[str], name: str | None) -> tuple[dict[str, list[Path]], li
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("enroll", help="add people to a gallery database",
                        description="Enrol faces into a gallery. Give a folder of identity sub-folders "
-                       "(DIR/<name>/<images>), or images / a folder of images with --name NAME. Each identity is "
-                       "written all-or-nothing; a photo without a face skips that identity with a message. A name "
-                       "already in the gallery is refused unless --add is given, and an image already enrolled "
-                       "(same bytes) is skipped, so re-running an interrupted enrolment adds nothing twice. "
-                       "Exit status 1 when an identity was skipped.")
-    p.add_argument("inputs", nargs="+", metavar="DIR_OR_IMAGES")
+                       "(DIR/<name>/<images>), or images / a folder of images with --name NAME, or the output of "
+                       "`fromface embed` with --from (no embedding then). Each identity is written all-or-nothing; "
+                       "a photo without a face skips that identity with a message. A name already in the gallery is "
+                       "refused unless --add is given, and an image already enrolled (same bytes) is skipped, so "
+                       "running an interrupted enrolment again (after a kill, too) finishes it and adds nothing "
+                       "twice. Exit status 1 when an identity was skipped.")
+    p.add_argument("inputs", nargs="*", metavar="DIR_OR_IMAGES")
     p.add_argument("--db", required=True, help="gallery database file (created if missing)")
-    p.add_argument("--name", default=None, help="enrol all given images as this one person")
+    p.add_argument("--name", default=None, help="enrol all given images (or all embeddings of --from) as this one "
+                   "person")
     p.add_argument("--add", action="store_true",
                    help="add the images to identities that are already enrolled (without it, such names are refused)")
+    p.add_argument("--from", dest="from_files", nargs="+", metavar="EMBEDDINGS.npz", default=None,
+                   help="enrol from the output of `fromface embed` (one or more files, e.g. one per shard) without "
+                   "embedding again: each image's identity is the first component of its path (its identity "
+                   "sub-folder), or --name; the embeddings' model must be the gallery's; identities are written "
+                   "1,000 per transaction. Files from an older fromface embed (without model_id) are "
+                   "refused: embed them again")
+    p.add_argument("--shard", metavar="K/N", default=None,
+                   help="enrol only shard K of N (K = 1..N) of the identities, for a job array or several machines: "
+                   "an identity is in shard K when the first 8 bytes of the sha256 of its name (UTF-8), read as a "
+                   "big-endian number, modulo N, are K-1 (so it stays in its shard when others are added, and all "
+                   "its photos stay in one job). With --from too; not with --name")
     add_recognizer_args(p, select="single")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from fromface.inference.bulk import parse_shard
+
+    shard = parse_shard(args.shard)
+    if args.from_files is not None:
+        if args.inputs:
+            raise ConfigError("give DIR_OR_IMAGES or --from EMBEDDINGS.npz, not both")
+        if args.model is not None:
+            raise ConfigError("--model is not used with --from: the embeddings' model is recorded in the file")
+        return _run_from(args, shard)
+    if not args.inputs:
+        raise ConfigError("nothing to enrol: give a folder of identity sub-folders, images with --name NAME, or "
+                          "--from EMBEDDINGS.npz")
+    if shard is not None and args.name is not None:
+        raise ConfigError("--shard splits identities, and --name makes all images one identity: drop one of them")
+    people, passed = plan(args.inputs, args.name)
+    if shard is not None:
+        people = {person: files for person, files in people.items() if shard.holds(person)}
+        passed = [(path, why) for path, why in passed if shard.holds(path.parent.name)]
+        if not people:
+            raise DataError(f"no identities of {', '.join(args.inputs)} are in shard {shard}")
+    for path, why in passed:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    return _enroll_images(args, people)
+
+
+def _enroll_images(args: argparse.Namespace, people: dict[str, list[Path]]) -> int:
     from fromface.cli.verify import recognizer_for_gallery
     from fromface.inference.gallery import Gallery
 
-    people, passed = plan(args.inputs, args.name)
-    for path, why in passed:
-        print(f"skipped {path}: {why}", file=sys.stderr)
     failed = 0
     mode = "add" if args.add else "new"
     with Gallery(args.db) as gallery:
@@ -91,6 +128,37 @@ def run(args: argparse.Namespace) -> int:
         total, count = len(gallery), len(gallery.names())
     print(f"{args.db}: {count} identities, {total} templates ({failed} identit{'ies' if failed != 1 else 'y'} skipped)")
     return 1 if failed else 0
+
+
+def _run_from(args: argparse.Namespace, shard) -> int:
+    """``--from``: templates straight from ``fromface embed`` outputs, a thousand identities per transaction."""
+    from tqdm import tqdm
+
+    from fromface.inference.bulk import check_gallery_model, enroll_in_batches, group_templates, read_embeddings
+    from fromface.inference.gallery import Gallery
+
+    files = [read_embeddings(path) for path in args.from_files]
+    people, skipped = group_templates(files, args.name, shard)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    if not people:
+        where = f" in shard {shard}" if shard else ""
+        raise DataError(f"{', '.join(args.from_files)}: no identities to enrol{where}")
+    with Gallery(args.db) as gallery:
+        check_gallery_model(gallery, files[0])
+        with tqdm(total=len(people), desc="enroll", unit="identity", file=sys.stderr, dynamic_ncols=True,
+                  mininterval=2.0) as bar:
+            done = enroll_in_batches(gallery, people, files[0].model_id, files[0].model_source,
+                                     "add" if args.add else "new", progress=bar.update)
+        total, count = len(gallery), len(gallery.names())
+    for person, why in done.refused.items():
+        print(f"skipped {person}: {cli_wording(why)}", file=sys.stderr)
+    print(f"enrolled {done.identities} identities from {len(files)} file{'s' * (len(files) != 1)}: {done.added} "
+          f"templates added, {done.already} already enrolled ({done.unchanged} identities unchanged)")
+    refused = len(done.refused)
+    print(f"{args.db}: {count} identities, {total} templates ({refused} identit{'ies' if refused != 1 else 'y'} "
+          "skipped)")
+    return 1 if refused else 0
 
 
 def _groups(people: dict[str, list], images: int) -> Iterator[dict[str, list]]:

@@ -36,6 +36,9 @@ from fromface.inference.recognizer import FaceEmbedding, FaceRecognizer
 
 SCHEMA_VERSION = 2  # 2: templates.digest (sha256 of the enrolled image), so the same image is never enrolled twice
 READABLE_VERSIONS = (1, 2)
+#: Exact search up to this many templates; above it an approximate index when FAISS is installed
+#: (benchmarks/gallery_scale.py measures both; docs/gallery.md).
+EXACT_UP_TO = 200_000
 #: Longest identity name accepted (characters).
 MAX_NAME_LENGTH = 200
 ENROL_MODES = ("new", "add")
@@ -132,16 +135,40 @@ class Match:
                 "condition": self.condition}
 
 
+class HnswIndex:
+    """FAISS's HNSW graph over unit embeddings (inner product = cosine): approximate nearest templates in
+    logarithmic time. Templates are added as they are enrolled; a removal rebuilds it (HNSW cannot delete)."""
+
+    M = 32  # links per node: recall against memory (about 4 x M x 4 bytes a template on top of the vectors)
+
+    def __init__(self, faiss: Any, mat: np.ndarray):
+        self.index = faiss.IndexHNSWFlat(mat.shape[1], self.M, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = 80
+        self.add(mat)
+
+    def add(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self.index.add(np.ascontiguousarray(rows, dtype=np.float32))
+
+    def search(self, query: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, scores) of about the ``count`` nearest templates, best first."""
+        self.index.hnsw.efSearch = max(64, 2 * count)
+        scores, rows = self.index.search(query[None].astype(np.float32), count)
+        found = rows[0] >= 0
+        return rows[0][found].astype(np.int64), scores[0][found]
+
+
 class Gallery:
     """Enrolled identities in one SQLite file; ``enroll``, ``remove``, ``identify``. Safe across threads and
     processes. ``recognizer`` embeds images (a :class:`FaceRecognizer`; built lazily from the registered model the
     gallery was enrolled with when not given; a gallery made with a model file needs that file passed explicitly).
     ``read_only=True`` opens the file without ever writing to it (identify, search; also in a read-only folder).
-    ``use_faiss``: ``"auto"`` (above 200k templates, if installed), True, False.
+    ``use_faiss``: ``"auto"`` (an approximate FAISS HNSW index above ``exact_up_to`` templates, if FAISS is
+    installed; exact search below), True (always the index), False (always exact).
     """
 
     def __init__(self, path: str | os.PathLike, recognizer: Any = None, use_faiss: bool | str = "auto",
-                 timeout: float = 60.0, read_only: bool = False):
+                 timeout: float = 60.0, read_only: bool = False, exact_up_to: int = EXACT_UP_TO):
         self.path = Path(path)
         if self.path.is_dir():
             raise DataError(f"{self.path}: is a folder, expected a gallery database file")
@@ -153,7 +180,9 @@ class Gallery:
         self._cache: tuple | None = None
         self._seen_version: tuple[int, int] | None = None
         self._own_changes = 0
-        self._faiss = None
+        self._ann: HnswIndex | None = None
+        self._removals_seen: tuple | None = None
+        self.exact_up_to = int(exact_up_to)
         self._recognizer = None
         try:
             self._conn = self._connect(timeout)
@@ -408,7 +437,7 @@ class Gallery:
 
     def _new_images(self, labels: Sequence[str], digests: Sequence[str | None]) -> tuple[list[int], list[str]]:
         """(indices of images not yet in the gallery nor earlier in the list, "label: reason" for the others)."""
-        known = self._digest_owners([d for d in digests if d])
+        known = self.known_digests([d for d in digests if d])
         todo, skipped, seen = [], [], {}
         for k, (label, digest) in enumerate(zip(labels, digests)):
             if digest and digest in known:
@@ -421,8 +450,8 @@ class Gallery:
                 todo.append(k)
         return todo, skipped
 
-    def _digest_owners(self, digests: Sequence[str]) -> dict[str, str]:
-        """{digest: identity name} for those of ``digests`` already enrolled."""
+    def known_digests(self, digests: Sequence[str]) -> dict[str, str]:
+        """{digest: identity name} for those of ``digests`` (:func:`image_digest`) already enrolled."""
         with self._lock:
             out = {}
             for start in range(0, len(digests), 500):
@@ -511,6 +540,9 @@ class Gallery:
             count = conn.execute("SELECT COUNT(*) FROM templates WHERE identity_id = ?", (row[0],)).fetchone()[0]
             conn.execute("DELETE FROM templates WHERE identity_id = ?", (row[0],))
             conn.execute("DELETE FROM identities WHERE id = ?", (row[0],))
+            # readers that keep templates in memory reload them whole after a removal (additions they append)
+            conn.execute("INSERT INTO meta(key, value) VALUES ('removals', '1') ON CONFLICT(key) DO UPDATE SET "
+                         "value = CAST(value AS INTEGER) + 1")
         return int(count)
 
     # ------------------------------------------------------------------ reading
@@ -532,73 +564,117 @@ class Gallery:
         return int(self._conn.execute("PRAGMA data_version").fetchone()[0]), self._own_changes
 
     def matrix(self) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
-        """(embeddings (N, D), template ids, identity names, identity index per row, occluded per row),
-        cached and reloaded only after a change by this or another process."""
+        """(embeddings (N, D), template ids, identity names, identity index per row, occluded per row), kept in
+        memory and brought up to date after a change by this or another process: templates added since are
+        appended (an enrolment never reloads the gallery), a removal reloads it whole. Rows are in the order they
+        were enrolled, not grouped by identity."""
         with self._lock:
             version = self._version()
             if self._cache is not None and version == self._seen_version:
                 return self._cache
-            rows = self._conn.execute("SELECT t.id, t.identity_id, t.embedding, t.dim, t.occluded, i.name FROM "
-                                      "templates t JOIN identities i ON i.id = t.identity_id "
-                                      "ORDER BY t.identity_id, t.id").fetchall()
-            dim = rows[0][3] if rows else 0
-            mat = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), dim).astype(np.float32)
-            ids = np.array([r[0] for r in rows], dtype=np.int64)
-            names, owner = [], np.empty(len(rows), dtype=np.int64)
-            last = None
-            for k, r in enumerate(rows):
-                if r[1] != last:
-                    names.append(r[5])
-                    last = r[1]
-                owner[k] = len(names) - 1
-            occluded = np.array([-1 if r[4] is None else r[4] for r in rows], dtype=np.int8)
-            self._cache = (mat, ids, names, owner, occluded)
-            self._seen_version = version
-            self._faiss = None
+            removals = self._conn.execute("SELECT value FROM meta WHERE key = 'removals'").fetchone()
+            cache = self._cache if self._cache is not None and removals == self._removals_seen else None
+            cache = self._appended(cache) if cache is not None else None
+            self._cache = cache if cache is not None else self._rows_after(None, 0)
+            self._removals_seen, self._seen_version = removals, version
             return self._cache
 
+    def _appended(self, cache: tuple) -> tuple | None:
+        """``cache`` with the templates enrolled since it was read; None when rows it holds are gone."""
+        ids = cache[1]
+        last = int(ids.max()) if len(ids) else 0
+        kept = self._conn.execute("SELECT COUNT(*) FROM templates WHERE id <= ?", (last,)).fetchone()[0]
+        if kept != len(ids):  # removed by a writer that does not record removals
+            return None
+        return self._rows_after(cache, last)
+
+    def _rows_after(self, cache: tuple | None, last: int) -> tuple:
+        """Templates with id > ``last`` read from the file and put after ``cache``'s rows (or alone)."""
+        rows = self._conn.execute("SELECT t.id, t.embedding, t.dim, t.occluded, i.name FROM templates t JOIN "
+                                  "identities i ON i.id = t.identity_id WHERE t.id > ? ORDER BY t.id",
+                                  (last,)).fetchall()
+        mat, ids, names, owner, occluded = cache if cache is not None else (
+            np.zeros((0, rows[0][2] if rows else 0), np.float32), np.zeros(0, np.int64), [], np.zeros(0, np.int64),
+            np.zeros(0, np.int8))
+        if not rows:
+            return mat, ids, names, owner, occluded
+        index = {name: k for k, name in enumerate(names)}
+        for r in rows:
+            index.setdefault(r[4], len(index))
+        names = list(index)
+        new = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), rows[0][2])
+        self._ann = None if cache is None else self._ann  # an index over ``cache`` takes the new rows below
+        out = (np.concatenate([mat, new.astype(np.float32)]) if len(mat) else new.astype(np.float32),
+               np.concatenate([ids, np.array([r[0] for r in rows], np.int64)]), names,
+               np.concatenate([owner, np.array([index[r[4]] for r in rows], np.int64)]),
+               np.concatenate([occluded, np.array([-1 if r[3] is None else r[3] for r in rows], np.int8)]))
+        if self._ann is not None:
+            self._ann.add(out[0][len(mat):])
+        return out
+
     def search(self, embedding: np.ndarray, top_k: int = 5) -> list[Match]:
-        """Best template per identity for a unit embedding, ``top_k`` (>= 1) identities by descending cosine."""
+        """Best template per identity for a unit embedding, ``top_k`` (>= 1) identities by descending cosine.
+
+        The templates scored are the closest few by exact cosine (one matrix-vector product) or, in a gallery
+        above ``exact_up_to`` templates, by the approximate index; the search widens until ``top_k`` different
+        identities are among them, so an identity with many templates never fills the list twice."""
         if int(top_k) < 1:
             raise ConfigError(f"top_k must be at least 1, got {top_k}")
-        mat, ids, names, owner, occluded = self.matrix()
+        with self._lock:  # the rows and the index over them, as of one moment
+            mat, ids, names, owner, occluded = self.matrix()
+            ann = self._ann_index(mat)
         if len(mat) == 0:
             return []
         query = np.asarray(embedding, dtype=np.float32).ravel()
         if query.size != mat.shape[1]:
             raise ConfigError(f"{self.path}: probe is {query.size}-d but the gallery holds {mat.shape[1]}-d templates")
         query = query / max(float(np.linalg.norm(query)), 1e-12)
-        scores = self._scores(mat, query)
-        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        best = np.maximum.reduceat(scores, starts)
-        order = np.argsort(-best, kind="stable")[:int(top_k)]
-        out = []
-        for ident in order:
-            lo = starts[ident]
-            hi = starts[ident + 1] if ident + 1 < len(starts) else len(scores)
-            row = lo + int(np.argmax(scores[lo:hi]))
-            occ = None if occluded[row] < 0 else bool(occluded[row])
-            out.append(Match(names[owner[row]], float(scores[row]), int(ids[row]), occ))
-        return out
+        rows, scores = self._best_rows(mat, owner, query, int(top_k), ann)
+        return [Match(names[owner[r]], float(sc), int(ids[r]), None if occluded[r] < 0 else bool(occluded[r]))
+                for r, sc in zip(rows, scores)]
 
-    def _scores(self, mat: np.ndarray, query: np.ndarray) -> np.ndarray:
-        """Cosine of the query with every template: one matrix-vector product, or FAISS for huge galleries."""
-        want = self.use_faiss is True or (self.use_faiss == "auto" and len(mat) > 200_000)
-        if want:
+    def _best_rows(self, mat: np.ndarray, owner: np.ndarray, query: np.ndarray, top_k: int,
+                   ann: HnswIndex | None) -> tuple[list, list]:
+        """(row, score) of the best template of each of the ``top_k`` best identities."""
+        want = min(top_k, int(owner.max()) + 1)  # identity indices are 0 .. identities - 1
+        exact = None if ann is not None else mat @ query
+        wide = min(len(mat), 4 * top_k)
+        while True:
+            if ann is not None:
+                with self._lock:  # FAISS may not search while matrix() adds rows to it in another thread
+                    rows, scores = ann.search(query, wide)
+                known = rows < len(mat)  # rows enrolled after this search's snapshot are left out
+                rows, scores = rows[known], scores[known]
+            else:
+                rows = np.argpartition(-exact, wide - 1)[:wide] if wide < len(mat) else np.arange(len(mat))
+                scores = exact[rows]
+            order = np.argsort(-scores, kind="stable")
+            rows, scores = rows[order], scores[order]
+            _, first = np.unique(owner[rows], return_index=True)  # each identity's best row among these
+            if len(first) >= want or wide >= len(mat):
+                best = np.sort(first)[:want]
+                return list(rows[best]), list(scores[best])
+            wide = min(len(mat), 4 * wide)
+
+    def _ann_index(self, mat: np.ndarray) -> HnswIndex | None:
+        """The approximate index over ``mat`` (the current rows; call with the lock held) for a gallery above
+        ``exact_up_to`` templates (FAISS HNSW), or None: exact search."""
+        wanted = self.use_faiss is True or (self.use_faiss == "auto" and len(mat) > self.exact_up_to)
+        if not wanted:
+            return None
+        with self._lock:
+            return self._ann if self._ann is not None else self._new_ann(mat)
+
+    def _new_ann(self, mat: np.ndarray) -> HnswIndex | None:
+        if self._ann is None:
             try:
-                import faiss  # optional (pip install faiss-cpu): exact NumPy search without it
+                import faiss  # optional (pip install 'fromface[index]'): exact NumPy search without it
             except ImportError:
                 if self.use_faiss is True:
                     raise ConfigError("use_faiss=True needs the faiss package (pip install faiss-cpu)") from None
-                return mat @ query
-            if self._faiss is None:
-                self._faiss = faiss.IndexFlatIP(mat.shape[1])
-                self._faiss.add(mat)
-            dist, idx = self._faiss.search(query[None], len(mat))
-            scores = np.empty(len(mat), dtype=np.float32)
-            scores[idx[0]] = dist[0]
-            return scores
-        return mat @ query
+                return None
+            self._ann = HnswIndex(faiss, mat)
+        return self._ann
 
     def identify(self, image: Any, top_k: int = 5) -> list[Match]:
         """The ``top_k`` enrolled identities closest to the (largest) face in ``image``, each marked ``same`` by
