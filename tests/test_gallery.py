@@ -451,6 +451,8 @@ def test_enroll_faces_skips_repeated_images_and_counts(tmp_path):
     with pytest.raises(DataError, match="^enrolment of 'cy': no faces given"):
         g.enroll_faces("cy", [])
     assert g.counts() == {"ann": 2, "bob": 1}
+    t = Template(unit(rng), digest="d3")  # bob's image again, under a new name: nothing to add, no empty identity
+    assert g.enroll_many({"dee": [t]}) == 0 and g.counts() == {"ann": 2, "bob": 1}
 
 
 def test_remove_deletes_one_identity_and_says_how_many(tmp_path):

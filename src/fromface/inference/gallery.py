@@ -499,11 +499,13 @@ class Gallery:
             self._check_model(conn, dims.pop(), model, source)
             for name, rows in prepared:
                 self.refuse_existing(name, mode, len(rows), conn)
+                new = [(emb, t) for emb, t in rows if not (t.digest and conn.execute(
+                    "SELECT 1 FROM templates WHERE digest = ?", (t.digest,)).fetchone())]
+                if not new:
+                    continue  # every image is enrolled already: no identity without templates
                 conn.execute("INSERT OR IGNORE INTO identities(name, created) VALUES (?, ?)", (name, time.time()))
                 identity_id = conn.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()[0]
-                for emb, t in rows:
-                    if t.digest and conn.execute("SELECT 1 FROM templates WHERE digest = ?", (t.digest,)).fetchone():
-                        continue
+                for emb, t in new:
                     self._insert_template(conn, identity_id, emb, t)
                     added += 1
         return added
