@@ -22,7 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--manifest", type=Path, default=None,
                    help="manifest.csv from `fromface occlude-pairs`: adds per-category and per-covered-fraction "
-                   "metrics")
+                   "metrics, and per model the occlusion-estimate section (FROM models' estimate against the truth)")
+    p.add_argument("--occluders", type=Path, default=None,
+                   help="with --manifest: the occluder folder the set was made with; the occlusion-estimate section "
+                   "then scores against each occluder's exact pixels (rebuilt and checked against the stored images) "
+                   "instead of the manifest's boxes")
+    p.add_argument("--source-root", type=Path, default=None,
+                   help="with --occluders: folder of the original photos the manifest's 'source' paths are relative "
+                   "to (default: found from the pair list's clean images)")
     p.add_argument("--bins", default="0,0.1,0.2,0.3,0.4,0.5,1", help="covered-fraction bin edges (comma-separated)")
     p.add_argument("--folds", type=int, default=10, help="folds for lists without their own (default 10)")
     p.add_argument("--first-folds", type=int, default=None, metavar="K",
@@ -100,6 +107,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from fromface.evaluation.report import (
         command_line,
         environment,
+        estimate_lines,
         plot_roc,
         summary_lines,
         write_json,
@@ -112,10 +120,12 @@ def run_eval(args: argparse.Namespace) -> int:
     pairs = _first_folds(read_pairs(args.pairs, root=args.root, format=args.format), args)
     bins = _bins(args.bins)
     occlusion = read_manifest(args.manifest, args.root) if args.manifest else None
+    if (args.occluders or args.source_root) and not args.manifest:
+        raise ConfigError("--occluders and --source-root need --manifest")
     embedders = _setup(args)
     cache = None if args.no_cache else (args.cache or args.out / "cache")
     results = evaluate_pairs(pairs, embedders, cache, occlusion, bins, args.folds, progress=not args.quiet,
-                             workers=args.workers)
+                             workers=args.workers, occluders=args.occluders, source_root=args.source_root)
     n_pos = sum(p.same for p in pairs)
     notes = [f"Face choice '{args.select}' for every model and peer"
              + (" (the labelled face is the one nearest the image centre)." if args.select == "central" else "."),
@@ -132,6 +142,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "pairs": {"file": str(args.pairs), "root": str(args.root) if args.root else None, "format": args.format,
                   "n_pairs": len(pairs), "n_positive": n_pos, "n_negative": len(pairs) - n_pos,
                   "n_images": len(pair_images(pairs)), "manifest": str(args.manifest) if args.manifest else None,
+                  "occluders": str(args.occluders) if args.occluders else None,
                   "bins": list(bins), "first_folds": args.first_folds},
         "models": results, "notes": sorted(set(notes), key=notes.index),
     }
@@ -139,7 +150,7 @@ def run_eval(args: argparse.Namespace) -> int:
     write_markdown(report, results, args.out / "report.md")
     write_scores(pairs, results, args.out / "scores.tsv")
     roc = plot_roc(results, args.out / "roc.png", title=f"ROC: {args.pairs}")
-    for line in summary_lines(results):
+    for line in summary_lines(results) + estimate_lines(results):
         print(line)
     print(f"wrote {args.out / 'report.json'}, report.md, scores.tsv" + (", roc.png" if roc else ""))
     return 0

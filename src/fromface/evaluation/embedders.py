@@ -12,11 +12,12 @@ import numpy as np
 
 from fromface.data.files import file_sha256
 from fromface.errors import ConfigError, NoFaceError
-from fromface.evaluation.embedding import Embedder, EmbedResult
+from fromface.evaluation.embedding import Embedder, EmbedResult, OcclusionEstimate
 from fromface.evaluation.peers import make_peer
 from fromface.faces.aligner import FaceAligner
 from fromface.inference.face_model import FaceModel, load_face_model
 from fromface.models.weights import state_digest
+from fromface.occlusion.patterns import num_patterns, pattern_boxes
 
 PEER_NAMES = ("sface", "face_recognition")
 
@@ -47,6 +48,10 @@ class ModelEmbedder(Embedder):
                      "detector": f"{type(det).__name__}({getattr(det, 'score_threshold', '?')})"}
         if refiner is not None:  # only then, so the cache keys of models without an align head stay as they were
             self.info["refine"] = True
+        # A model with a pattern head (its grid is known) reports an occlusion estimate; the cache key is unchanged,
+        # so embeddings cached before estimates were kept stay valid (the runner adds the estimates when asked).
+        self._grid = model.grid or 0
+        self.gives_estimate = bool(model.grid)
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.forward(batch)[0], dtype=np.float32)
@@ -64,14 +69,42 @@ class ModelEmbedder(Embedder):
         self.aligner.recrop(found)  # the align head sees the whole batch at once
         crops = [face.crop for _, face in found]
         vectors: list[np.ndarray] = []
+        estimates: list[OcclusionEstimate | None] = []
         if crops:
             x = self.preprocess.to_input(crops)
-            emb = _unit(self.forward(x))
+            raw, mask, logits = self.model.forward(x)
+            emb = _unit(np.asarray(raw, dtype=np.float32))
             if self.flip:  # flip fusion: sum of the unit embeddings of the crop and its mirror
                 emb = _unit(emb + _unit(self.forward(np.ascontiguousarray(x[..., ::-1]))))
             vectors = list(emb.astype(np.float32))
-        it = iter(vectors)
-        return [EmbedResult(None if m == "failed" else next(it), m) for m in methods]
+            estimates = [self._estimate(face.landmarks, mask, logits, k) if self.gives_estimate else None
+                         for k, (_, face) in enumerate(found)]
+        it = iter(zip(vectors, estimates))
+        out = []
+        for m in methods:
+            vec, est = (None, None) if m == "failed" else next(it)
+            out.append(EmbedResult(vec, m, est))
+        return out
+
+    def _estimate(self, landmarks: np.ndarray, mask: np.ndarray | None, logits: np.ndarray | None,
+                  k: int) -> OcclusionEstimate:
+        """Face ``k``'s occlusion estimate, derived as :class:`~fromface.inference.recognizer.FaceRecognizer`
+        derives it (softmax over the patterns, the argmax's box, visible fraction = 1 - its area), so the eval
+        scores the numbers a user is shown. With flip fusion, the estimate is the unmirrored crop's."""
+        h, w = self.preprocess.size
+        est = OcclusionEstimate(np.asarray(landmarks, np.float64).copy(), self.preprocess.template, (h, w))
+        if mask is not None and mask.ndim == 4:
+            est.heatmap = mask[k].mean(axis=0).astype(np.float32)
+        if logits is not None and num_patterns(self._grid) == logits.shape[1]:
+            prob = np.exp(logits[k] - logits[k].max())
+            prob /= prob.sum()
+            idx = int(prob.argmax())
+            top, left, bottom, right = (int(v) for v in pattern_boxes(h, w, self._grid)[idx])
+            est.pattern, est.pattern_probability = idx, float(prob[idx])
+            est.occlusion_probability = float(1.0 - prob[0])
+            est.pattern_box = (top, left, bottom, right)
+            est.visible_fraction = 1.0 - (bottom - top) * (right - left) / float(h * w)
+        return est
 
 
 def load_embedder(spec: str, select: str = "central", fallback: bool = True, flip: bool = False,

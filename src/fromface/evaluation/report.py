@@ -145,10 +145,88 @@ def write_markdown(report: dict, results: list[dict], path: Path) -> Path:
     lines += _table(header, [[label, *cells] for label, cells in metric_rows(results)])
     lines += _group_table(results, "per_category", "occluder category")
     lines += _group_table(results, "per_covered_fraction", "covered fraction")
+    lines += estimate_markdown(results)
     if report.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _num(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _estimate_rows(sections: list[dict]) -> list[tuple[str, list[str]]]:
+    """(label, one cell per model) for the occlusion-estimate table; "no estimate" for models without one."""
+    def cells(fn) -> list[str]:
+        return [fn(s) if s.get("estimate") else "no estimate" for s in sections]
+
+    occ = "occluded"
+    return [
+        ("occluded images scored (without estimate)",
+         cells(lambda s: f"{s[occ]['n_images']} ({s['occluded_without_estimate']})")),
+        ("IoU, predicted pattern box vs true region (mean)", cells(lambda s: _num(s[occ]["iou_mean"]))),
+        ("IoU, rectangular / shaped occluders",
+         cells(lambda s: " / ".join(_num(s["per_kind"].get(k, {}).get("iou_mean"))
+                                    for k in ("rectangular", "shaped")))),
+        ("IoU, heat map < 0.5 vs true region", cells(lambda s: _num(s[occ]["iou_heatmap_mean"]))),
+        ("IoU, fixed lower-half guess (reference)", cells(lambda s: _num(s[occ]["iou_lower_half_mean"]))),
+        ("visible-fraction mean abs. error", cells(lambda s: _num(s[occ]["visible_fraction_error_mean"]))),
+        ("true covered fraction of the crop (mean)", cells(lambda s: _num(s[occ]["true_covered_fraction_mean"]))),
+        ("occluded images called occluded %", cells(lambda s: _pct(s[occ]["called_occluded_rate"]))),
+        ("clean images called occluded % (false occluded)",
+         cells(lambda s: f"{_pct(s['clean']['false_occluded_rate'])} ({s['clean']['called_occluded']} / "
+                         f"{s['clean']['n_images']})")),
+    ]
+
+
+def estimate_markdown(results: list[dict]) -> list[str]:
+    """The occlusion-estimate section of report.md: one table of every model, then one row per occluder kind and
+    category for the models that give an estimate. Empty without a manifest."""
+    if not any("occlusion_estimate" in r for r in results):
+        return []
+    sections = [r.get("occlusion_estimate", {"estimate": False}) for r in results]
+    lines = ["", "### Occlusion estimate", "",
+             "What each FROM model tells users about occlusion, against the manifest's truth in the model's own "
+             "aligned crop (mapped with the face's landmarks and the model's template). IoU of an empty prediction "
+             "(pattern 0) with an occluder is 0; visible-fraction error is |predicted - (1 - covered share of the "
+             "crop)|; \"called occluded\" is the product's rule (`FaceEmbedding.occluded`)."]
+    notes = sorted({s["truth"] for s in sections if s.get("estimate") and s.get("truth")})
+    lines += [f"True region: {n}." for n in notes] + [""]
+    lines += _table(["metric"] + [r["name"] for r in results], [[lab, *c] for lab, c in _estimate_rows(sections)])
+    given = [(r["name"], s) for r, s in zip(results, sections) if s.get("estimate")]
+    if not given:
+        return lines
+    groups = [("kind", k) for k in given[0][1]["per_kind"]] + [("category", c) for c in given[0][1]["per_category"]]
+    header = ["group", "images"] + [f"{n} {what}" for n, _ in given for what in ("IoU", "IoU heat map", "VF error")]
+    rows = []
+    for level, name in groups:
+        stats = [s[f"per_{level}"].get(name, {}) for _, s in given]
+        rows.append([name, str(stats[0].get("n_images", 0))]
+                    + [_num(st.get(k)) for st in stats
+                       for k in ("iou_mean", "iou_heatmap_mean", "visible_fraction_error_mean")])
+    return lines + ["", "Per occluder kind (rectangular: pasted photos; shaped: RGBA cut-outs) and category:", ""] \
+        + _table(header, rows)
+
+
+def estimate_lines(results: list[dict]) -> list[str]:
+    """Terminal summary of the occlusion-estimate section: one line per model."""
+    out = []
+    for r in results:
+        s = r.get("occlusion_estimate")
+        if s is None:
+            continue
+        if not s.get("estimate"):
+            out.append(f"{r['name']:<20} occlusion estimate: no estimate")
+            continue
+        o, kinds = s["occluded"], s["per_kind"]
+        by_kind = ", ".join(f"{k} {_num(v['iou_mean'])}" for k, v in kinds.items())
+        out.append(f"{r['name']:<20} occlusion estimate: IoU {_num(o['iou_mean'])} ({by_kind}), heat map "
+                   f"{_num(o['iou_heatmap_mean'])}, lower-half guess {_num(o['iou_lower_half_mean'])}; visible "
+                   f"fraction MAE {_num(o['visible_fraction_error_mean'])}; called occluded "
+                   f"{_pct(o['called_occluded_rate'])}% of occluded, {_pct(s['clean']['false_occluded_rate'])}% of "
+                   f"clean ({s['clean']['called_occluded']} / {s['clean']['n_images']})")
+    return out
 
 
 def plot_roc(results: list[dict], path: Path, title: str = "ROC") -> Path | None:

@@ -5,6 +5,11 @@ per image keyed by a digest of the image file's bytes: an edited image is embedd
 unchanged one is found even after the data is copied, moved or touched (a key of path and modification
 time missed every time the data folder was restored). Rows are committed every batch, so an
 interrupted run resumes.
+
+Cache format 2 adds a table ``estimate`` (image key -> a FROM model's occlusion estimate, see
+:class:`~fromface.evaluation.embedding.OcclusionEstimate`) beside the unchanged ``emb`` table, in the same file
+under the same name: a format-1 cache keeps every embedding, and an estimate missing from it is computed (the
+cached embedding kept) only when a run asks for estimates. Older code reading a format-2 file sees ``emb`` as before.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sqlite3
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +30,7 @@ from tqdm import tqdm
 from fromface.data.images import load_image
 from fromface.errors import DataError, FromfaceError
 from fromface.evaluation.embedders import load_embedder
-from fromface.evaluation.embedding import Embedder, EmbedResult
+from fromface.evaluation.embedding import Embedder, EmbedResult, OcclusionEstimate
 
 
 def image_key(path: Path) -> str:
@@ -37,8 +42,12 @@ def image_key(path: Path) -> str:
     return f"blake2b:{digest.hexdigest()}"
 
 
+#: Written to the cache's ``meta`` table: 2 since occlusion estimates are stored beside the embeddings.
+CACHE_FORMAT = 2
+
+
 class EmbeddingCache:
-    """SQLite store of (image key -> method, embedding) for one embedder setting."""
+    """SQLite store of (image key -> method, embedding, occlusion estimate) for one embedder setting."""
 
     def __init__(self, folder: Path, embedder_key: str, label: str = "model"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -48,7 +57,9 @@ class EmbeddingCache:
         self.db = sqlite3.connect(str(self.path), timeout=120)  # other runs may share the cache
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, method TEXT, vec BLOB)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS estimate (key TEXT PRIMARY KEY, data TEXT, heat BLOB)")
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('embedder', ?)", (embedder_key,))
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (str(CACHE_FORMAT),))
         self.db.commit()
 
     def get_many(self, keys: list[str]) -> dict[str, EmbedResult]:
@@ -60,12 +71,18 @@ class EmbeddingCache:
                                                     chunk):
                 emb = None if vec is None else np.frombuffer(vec, dtype=np.float32).copy()
                 out[key] = EmbedResult(emb, method)
+            for key, data, heat in self.db.execute(f"SELECT key, data, heat FROM estimate WHERE key IN ({marks})",
+                                                   chunk):
+                if key in out:
+                    out[key].estimate = OcclusionEstimate.from_row(data, heat)
         return out
 
     def put_many(self, items: list[tuple[str, EmbedResult]]) -> None:
         rows = [(k, r.method, None if r.embedding is None else np.asarray(r.embedding, np.float32).tobytes())
                 for k, r in items]
         self.db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?, ?)", rows)
+        self.db.executemany("INSERT OR REPLACE INTO estimate VALUES (?, ?, ?)",
+                            [(k, *r.estimate.to_row()) for k, r in items if r.estimate is not None])
         self.db.commit()
 
     def close(self) -> None:
@@ -83,6 +100,8 @@ class EmbeddingSet:
     computed: int = 0
     cached: int = 0
     index: dict = field(default_factory=dict)
+    estimates: list[OcclusionEstimate | None] = field(default_factory=list)  # per path, None: no estimate
+    estimates_added: int = 0  # cached images embedded again only to add their occlusion estimate
 
     def __post_init__(self) -> None:
         self.index = {p: i for i, p in enumerate(self.paths)}
@@ -139,22 +158,34 @@ def _batches(embedder: Embedder, todo: list[tuple[Path, str]], workers: int):
         yield [k for _, k in chunk], embedder.embed_batch([load_image(p) for p, _ in chunk])
 
 
+def _merged(old: EmbedResult | None, new: EmbedResult) -> EmbedResult:
+    """A fresh result, or for an image cached without an estimate, the cached embedding with the new estimate (the
+    run's numbers stay those of the cache; an image whose face was found another way keeps no estimate)."""
+    if old is None:
+        return new
+    return replace(old, estimate=new.estimate if new.method == old.method else None)
+
+
 def embed_images(embedder: Embedder, paths: list[Path], cache_dir: Path | None = None,
-                 progress: bool = True, workers: int = 1) -> EmbeddingSet:
+                 progress: bool = True, workers: int = 1, estimates: bool = False) -> EmbeddingSet:
     """Embed every image (cached ones are read back), returning rows in ``paths`` order.
 
-    ``workers`` > 1 embeds in that many processes (each builds its own copy of the embedder).
+    ``workers`` > 1 embeds in that many processes (each builds its own copy of the embedder). ``estimates``: for an
+    embedder that gives occlusion estimates, images cached without one (format-1 caches) are embedded again to
+    add it; otherwise cached rows are used as they are.
     """
     start = time.perf_counter()
     keys = [image_key(p) for p in paths]
     cache = EmbeddingCache(cache_dir, embedder.cache_key, embedder.name) if cache_dir is not None else None
     results: dict[str, EmbedResult] = cache.get_many(keys) if cache else {}
     cached = sum(1 for k in keys if k in results)
-    todo = [(p, k) for p, k in zip(paths, keys) if k not in results]
+    lacking = estimates and embedder.gives_estimate
+    stale = {k for k, r in results.items() if lacking and r.estimate is None and r.method != "failed"}
+    todo = [(p, k) for p, k in zip(paths, keys) if k not in results or k in stale]
     bar = _progress(len(todo), embedder.name, progress and bool(todo))
     try:
         for chunk_keys, out in _batches(embedder, todo, workers):
-            items = list(zip(chunk_keys, out))
+            items = [(k, _merged(results.get(k) if k in stale else None, r)) for k, r in zip(chunk_keys, out)]
             results.update(items)
             if cache:
                 cache.put_many(items)
@@ -165,18 +196,27 @@ def embed_images(embedder: Embedder, paths: list[Path], cache_dir: Path | None =
             bar.close()
         if cache:
             cache.close()
+    matrix, methods = _matrix(embedder, results, keys, len(paths))
+    added = sum(1 for p, k in todo if k in stale)
+    return EmbeddingSet(list(paths), matrix, methods, time.perf_counter() - start, len(todo) - added, cached,
+                        estimates=[results[k].estimate for k in keys], estimates_added=added)
+
+
+def _matrix(embedder: Embedder, results: dict[str, EmbedResult], keys: list[str], n: int
+            ) -> tuple[np.ndarray, list[str]]:
+    """The (n, dim) embedding rows in ``keys`` order (NaN where the face was not found) and each face's method."""
     dims = {r.embedding.size for r in results.values() if r.embedding is not None}
     if len(dims) > 1:
         raise DataError(f"{embedder.name}: embeddings of different sizes {sorted(dims)} (stale cache?)")
     dim = dims.pop() if dims else 1
-    matrix = np.full((len(paths), dim), np.nan, dtype=np.float32)
+    matrix = np.full((n, dim), np.nan, dtype=np.float32)
     methods = []
     for i, k in enumerate(keys):
         r = results[k]
         if r.embedding is not None:
             matrix[i] = r.embedding
         methods.append(r.method)
-    return EmbeddingSet(list(paths), matrix, methods, time.perf_counter() - start, len(todo), cached)
+    return matrix, methods
 
 
 def pair_scores(embeddings: EmbeddingSet, path1: list[Path], path2: list[Path], metric: str = "cosine"

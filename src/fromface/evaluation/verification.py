@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,9 @@ from fromface.data.pairs import Pair, pair_images
 from fromface.errors import DataError
 from fromface.evaluation.embedding import Embedder
 from fromface.evaluation.metrics import DEFAULT_FARS, assign_folds, roc_curve, verification_metrics
-from fromface.evaluation.runner import check_images_exist, embed_images, pair_scores
+from fromface.evaluation.occlusion_estimate import estimate_section, no_estimate_section
+from fromface.evaluation.occlusion_truth import Truth, set_truth
+from fromface.evaluation.runner import EmbeddingSet, check_images_exist, embed_images, pair_scores
 
 DEFAULT_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
 _PATH_COLUMNS = ("path", "file", "image", "output", "occluded_path", "dst")
@@ -26,6 +28,7 @@ class OcclusionInfo:
 
     category: str
     covered_fraction: float | None
+    record: dict = field(default_factory=dict)  # the whole manifest row (box, kind, seed, ...: the truth to score)
 
 
 def _pick(columns: list[str], wanted: tuple[str, ...], manifest: Path, required: bool) -> str | None:
@@ -64,7 +67,7 @@ def read_manifest(manifest: Path, root: Path | None = None) -> dict[Path, Occlus
                 covered = float(row[fcol])
             except ValueError:
                 raise DataError(f"{manifest}: line {line}: {fcol} {row[fcol]!r} is not a number") from None
-        info = OcclusionInfo((row.get(ccol) or "").strip() or "none", covered)
+        info = OcclusionInfo((row.get(ccol) or "").strip() or "none", covered, dict(row))
         bases = [manifest.parent] + ([root] if root is not None else [])
         for base in bases:
             out[(base / raw).resolve()] = info
@@ -101,8 +104,14 @@ def occlusion_groups(pairs: list[Pair], occlusion: dict[Path, OcclusionInfo], bi
 
 def evaluate_pairs(pairs: list[Pair], embedders: list[Embedder], cache_dir: Path | None = None,
                    occlusion: dict[Path, OcclusionInfo] | None = None, bins=DEFAULT_BINS, n_folds: int = 10,
-                   fars=DEFAULT_FARS, progress: bool = True, workers: int = 1) -> list[dict]:
-    """Every model's metrics on the same pairs (plus per-category / per-bin ones with ``occlusion``)."""
+                   fars=DEFAULT_FARS, progress: bool = True, workers: int = 1, occluders: Path | None = None,
+                   source_root: Path | None = None) -> list[dict]:
+    """Every model's metrics on the same pairs (plus per-category / per-bin ones with ``occlusion``).
+
+    With ``occlusion``, each model also gets ``occlusion_estimate``: its occlusion estimate scored against the
+    manifest's truth (:mod:`~fromface.evaluation.occlusion_estimate`); ``occluders`` (and ``source_root``) let the
+    exact occluder masks be rebuilt instead of using the manifest's boxes (:mod:`~fromface.evaluation.occlusion_truth`).
+    """
     if not pairs:
         raise DataError("no pairs to evaluate")
     images = pair_images(pairs)
@@ -112,9 +121,11 @@ def evaluate_pairs(pairs: list[Pair], embedders: list[Embedder], cache_dir: Path
     p1 = [Path(p.path1) for p in pairs]
     p2 = [Path(p.path2) for p in pairs]
     groups = occlusion_groups(pairs, occlusion, bins) if occlusion else None
+    truth = set_truth(pairs, {p: i.record for p, i in occlusion.items()}, occluders, source_root, progress) \
+        if occlusion else None
     results = []
     for emb in embedders:
-        es = embed_images(emb, images, cache_dir, progress, workers)
+        es = embed_images(emb, images, cache_dir, progress, workers, estimates=truth is not None)
         scores, failed = pair_scores(es, p1, p2, emb.metric)
         res = {
             "name": emb.name, "source": emb.source, "metric": emb.metric, "settings": dict(emb.info),
@@ -136,8 +147,20 @@ def evaluate_pairs(pairs: list[Pair], embedders: list[Embedder], cache_dir: Path
                                    for c, m in by_cat.items()}
             res["per_covered_fraction"] = {b: _subset(scores, same, folds, m, n_folds, fars, failed, correct)
                                            for b, m in by_bin.items()}
+        if truth is not None:
+            res["occlusion_estimate"] = _estimate(emb, es, truth)
         results.append(res)
     return results
+
+
+def _estimate(emb: Embedder, es: EmbeddingSet, truth: Truth) -> dict:
+    """A model's occlusion-estimate section, or "no estimate" for a model without an occlusion head."""
+    if not emb.gives_estimate:
+        return no_estimate_section()
+    section = estimate_section([Path(p).resolve() for p in es.paths], es.estimates, es.methods, truth.regions,
+                               truth.clean, truth.note)
+    section["images_embedded_again_for_estimates"] = es.estimates_added
+    return section
 
 
 def _correct_at_overall_thresholds(scores, same, folds, n_folds, metrics) -> np.ndarray | None:

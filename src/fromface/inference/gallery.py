@@ -1,9 +1,10 @@
-"""A persistent gallery of enrolled identities on SQLite, searched by exact cosine similarity in NumPy.
+"""A persistent gallery of enrolled identities on SQLite, searched by cosine similarity in memory.
 
 Why SQLite: one file, safe for several processes (WAL journal, ``BEGIN IMMEDIATE`` writes), and atomic commits, so a
 crash in the middle of an enrolment never leaves half an identity behind. Templates are float32 blobs with their
-occlusion state; the search matrix is loaded once and reloaded only when the file changed (``PRAGMA data_version``
-sees other processes' commits). For very large galleries an optional FAISS inner-product index is used if installed.
+occlusion state; the search matrix is loaded once and kept up to date (``PRAGMA data_version`` sees other
+processes' commits; new templates are appended, a removal reloads it). Search is exact up to ``EXACT_UP_TO``
+templates and goes through an approximate FAISS HNSW index above it, when FAISS is installed.
 
 What a gallery file is trusted with: names, embeddings and the *identity* of the model that made them. It never
 decides which code or weights run: a gallery made with a registered model names that model (``name:tag``), which
@@ -38,7 +39,7 @@ SCHEMA_VERSION = 2  # 2: templates.digest (sha256 of the enrolled image), so the
 READABLE_VERSIONS = (1, 2)
 #: Exact search up to this many templates; above it an approximate index when FAISS is installed
 #: (benchmarks/gallery_scale.py measures both; docs/gallery.md).
-EXACT_UP_TO = 200_000
+EXACT_UP_TO = 1_000_000
 #: Longest identity name accepted (characters).
 MAX_NAME_LENGTH = 200
 ENROL_MODES = ("new", "add")
@@ -140,6 +141,9 @@ class HnswIndex:
     logarithmic time. Templates are added as they are enrolled; a removal rebuilds it (HNSW cannot delete)."""
 
     M = 32  # links per node: recall against memory (about 4 x M x 4 bytes a template on top of the vectors)
+    #: candidates kept while searching (at least twice the templates asked for): recall against time
+    #: (benchmarks/gallery_scale.py --ef measures both)
+    ef_search = 256
 
     def __init__(self, faiss: Any, mat: np.ndarray):
         self.index = faiss.IndexHNSWFlat(mat.shape[1], self.M, faiss.METRIC_INNER_PRODUCT)
@@ -152,7 +156,7 @@ class HnswIndex:
 
     def search(self, query: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, scores) of about the ``count`` nearest templates, best first."""
-        self.index.hnsw.efSearch = max(64, 2 * count)
+        self.index.hnsw.efSearch = max(self.ef_search, 2 * count)
         scores, rows = self.index.search(query[None].astype(np.float32), count)
         found = rows[0] >= 0
         return rows[0][found].astype(np.int64), scores[0][found]
