@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=200, help="probes per size")
-    parser.add_argument("--ef", type=int, nargs="+", default=[256],
-                        help="HNSW efSearch values to try on each index (default: the library's, 256)")
+    parser.add_argument("--ef", type=int, nargs="+", default=[512],
+                        help="HNSW efSearch values to try on each index (default: the library's, 512)")
     args = parser.parse_args(argv)
     try:
         import faiss  # noqa: F401

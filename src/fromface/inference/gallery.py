@@ -143,7 +143,7 @@ class HnswIndex:
     M = 32  # links per node: recall against memory (about 4 x M x 4 bytes a template on top of the vectors)
     #: candidates kept while searching (at least twice the templates asked for): recall against time
     #: (benchmarks/gallery_scale.py --ef measures both)
-    ef_search = 256
+    ef_search = 512
 
     def __init__(self, faiss: Any, mat: np.ndarray):
         self.index = faiss.IndexHNSWFlat(mat.shape[1], self.M, faiss.METRIC_INNER_PRODUCT)
