@@ -212,3 +212,19 @@ def test_every_mask_is_exactly_its_box(height, width, grid):
         want = np.zeros((height, width), bool)
         want[top:bottom, left:right] = True
         assert np.array_equal(masks[index], want), index
+
+
+def test_predicted_pattern_reads_the_logits_as_users_are_shown():
+    from fromface.occlusion.patterns import pattern_boxes, predicted_pattern
+
+    boxes = pattern_boxes(100, 100, 2)  # 0: clean; the others: rectangles of the 2x2 grid
+    logits = np.full(len(boxes), -5.0)
+    lower = next(k for k, b in enumerate(boxes) if tuple(b) == (50, 0, 100, 100))
+    logits[lower], logits[0] = 3.0, 1.0
+    seen = predicted_pattern(logits, boxes, 100, 100)
+    prob = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert seen.pattern == lower and seen.box == (50, 0, 100, 100) and seen.visible_fraction == 0.5
+    assert np.isclose(seen.probability, prob[lower]) and np.isclose(seen.occlusion_probability, 1 - prob[0])
+    logits[0] = 9.0
+    clean = predicted_pattern(logits, boxes, 100, 100)
+    assert clean.pattern == 0 and clean.box == (0, 0, 0, 0) and clean.visible_fraction == 1.0

@@ -17,7 +17,7 @@ from fromface.evaluation.peers import make_peer
 from fromface.faces.aligner import FaceAligner
 from fromface.inference.face_model import FaceModel, load_face_model
 from fromface.models.weights import state_digest
-from fromface.occlusion.patterns import num_patterns, pattern_boxes
+from fromface.occlusion.patterns import num_patterns, pattern_boxes, predicted_pattern
 
 PEER_NAMES = ("sface", "face_recognition")
 
@@ -88,22 +88,18 @@ class ModelEmbedder(Embedder):
 
     def _estimate(self, landmarks: np.ndarray, mask: np.ndarray | None, logits: np.ndarray | None,
                   k: int) -> OcclusionEstimate:
-        """Face ``k``'s occlusion estimate, derived as :class:`~fromface.inference.recognizer.FaceRecognizer`
-        derives it (softmax over the patterns, the argmax's box, visible fraction = 1 - its area), so the eval
-        scores the numbers a user is shown. With flip fusion, the estimate is the unmirrored crop's."""
+        """Face ``k``'s occlusion estimate, read from the logits by the recognizer's own
+        :func:`~fromface.occlusion.patterns.predicted_pattern`, so the eval scores the numbers a user is shown. With
+        flip fusion, the estimate is the unmirrored crop's."""
         h, w = self.preprocess.size
         est = OcclusionEstimate(np.asarray(landmarks, np.float64).copy(), self.preprocess.template, (h, w))
         if mask is not None and mask.ndim == 4:
             est.heatmap = mask[k].mean(axis=0).astype(np.float32)
         if logits is not None and num_patterns(self._grid) == logits.shape[1]:
-            prob = np.exp(logits[k] - logits[k].max())
-            prob /= prob.sum()
-            idx = int(prob.argmax())
-            top, left, bottom, right = (int(v) for v in pattern_boxes(h, w, self._grid)[idx])
-            est.pattern, est.pattern_probability = idx, float(prob[idx])
-            est.occlusion_probability = float(1.0 - prob[0])
-            est.pattern_box = (top, left, bottom, right)
-            est.visible_fraction = 1.0 - (bottom - top) * (right - left) / float(h * w)
+            seen = predicted_pattern(logits[k], pattern_boxes(h, w, self._grid), h, w)
+            est.pattern, est.pattern_probability = seen.pattern, seen.probability
+            est.occlusion_probability, est.pattern_box, est.visible_fraction = seen.occlusion_probability, seen.box, \
+                seen.visible_fraction
         return est
 
 

@@ -20,7 +20,7 @@ from fromface.faces.aligner import FaceAligner
 from fromface.faces.alignment import get_template
 from fromface.inference.decision import accepts
 from fromface.inference.occlusion_report import occlusion_report
-from fromface.occlusion.patterns import PatternVocabulary, num_patterns
+from fromface.occlusion.patterns import PatternVocabulary, num_patterns, predicted_pattern
 
 #: Cosine threshold used when the model has no calibrated thresholds (``reason="uncalibrated"``). 0.35 is a
 #: middle ground for 128-512-d ArcFace-style embeddings (SFace's own cosine threshold is 0.363); calibrate your own.
@@ -251,14 +251,10 @@ class FaceRecognizer:
             if grid is None or num_patterns(grid) != logits.shape[0]:
                 return
             self._vocab = PatternVocabulary(h, w, grid)
-        prob = np.exp(logits - logits.max())
-        prob /= prob.sum()
-        idx = int(prob.argmax())
-        top, left, bottom, right = (int(v) for v in self._vocab.boxes[idx])
-        fe.pattern, fe.pattern_probability = idx, float(prob[idx])
-        fe.occlusion_probability = float(1.0 - prob[0])
-        fe.pattern_box = (top, left, bottom, right)
-        fe.visible_fraction = 1.0 - (bottom - top) * (right - left) / float(h * w)
+        seen = predicted_pattern(logits, self._vocab.boxes, h, w)
+        fe.pattern, fe.pattern_probability = seen.pattern, seen.probability
+        fe.occlusion_probability, fe.pattern_box, fe.visible_fraction = seen.occlusion_probability, seen.box, \
+            seen.visible_fraction
 
     # ------------------------------------------------------------------ verification
     def threshold_for(self, *faces: FaceEmbedding) -> tuple[float, str, str]:

@@ -7,6 +7,7 @@ line is exactly the image edge, so rectangles touching the border include the la
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -73,6 +74,32 @@ def label_patterns(masks: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
     """
     flat_vocab = vocabulary.reshape(len(vocabulary), -1).astype(np.float32)
     return _argmax_iou(np.asarray(masks), flat_vocab, flat_vocab.sum(1))
+
+
+@dataclass(frozen=True)
+class PredictedPattern:
+    """What a pattern head's logits say about one face: the most likely pattern, its probability, the probability
+    that something covers the face (1 - P(pattern 0)), its box (top, left, bottom, right) in crop pixels and the
+    visible fraction it leaves (1 - box area / crop area)."""
+
+    pattern: int
+    probability: float
+    occlusion_probability: float
+    box: tuple[int, int, int, int]
+    visible_fraction: float
+
+
+def predicted_pattern(logits: np.ndarray, boxes: np.ndarray, height: int, width: int) -> PredictedPattern:
+    """Softmax over one face's pattern logits and the argmax's box: the one reading of a pattern head, shared by
+    :class:`~fromface.inference.recognizer.FaceRecognizer` (what users are shown) and the evaluation that scores
+    it. ``boxes``: :func:`pattern_boxes` for the crop's ``height`` x ``width``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    prob = np.exp(logits - logits.max())
+    prob /= prob.sum()
+    idx = int(prob.argmax())
+    top, left, bottom, right = (int(v) for v in boxes[idx])
+    visible = 1.0 - (bottom - top) * (right - left) / float(height * width)
+    return PredictedPattern(idx, float(prob[idx]), float(1.0 - prob[0]), (top, left, bottom, right), visible)
 
 
 class PatternVocabulary:
