@@ -84,20 +84,6 @@ def _work_list(pairs, both: bool) -> list[Path]:
     return list(seen)
 
 
-def _face_for(aligner, image):
-    """(box, landmarks, how) of the central face, or the documented centre box when none is found."""
-    from fromface.faces.aligner import fallback_landmarks
-
-    h, w = image.shape[:2]
-    if aligner is not None:
-        faces, method = aligner.detect(image)
-        chosen = aligner.choose(faces, h, w)
-        if chosen:
-            return chosen[0].box, chosen[0].landmarks, method
-    box, landmarks = fallback_landmarks(h, w)
-    return box, landmarks, "centre-box"
-
-
 def _row(index, src, root, rel, args, preset_name, how, box, result, digest) -> dict:
     rec = result.record
     try:
@@ -139,15 +125,15 @@ def run(args: argparse.Namespace) -> int:
         raise ImageError(missing[0], f"image named in {args.pairs} does not exist ({len(missing)} missing in all)")
     out = Path(args.out)
     _prepare_out(out, args.force)
+    from fromface.faces.aligner import FaceAligner, placement_face
+
     aligner = None
     if args.detector == "yunet":
-        from fromface.faces.aligner import FaceAligner
-
         aligner = FaceAligner("arcface112", select="central")
     mapping, rows, start = {}, [], time.perf_counter()
     for index, src in enumerate(tqdm(work, desc="occluding", unit="img", dynamic_ncols=True)):
         image = load_image(src)
-        box, landmarks, how = _face_for(aligner, image)
+        box, landmarks, how = placement_face(aligner, image)
         result = synth.occlude_seeded(image, args.seed, index, face_box=box, landmarks=landmarks)
         rel = _relative_output(src, root, index)
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(result.image, cv2.COLOR_RGB2BGR))

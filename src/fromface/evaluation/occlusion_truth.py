@@ -21,7 +21,7 @@ from tqdm import tqdm
 from fromface.data.images import load_image
 from fromface.errors import DataError, FromfaceError
 from fromface.evaluation.occlusion_estimate import TrueRegion
-from fromface.faces.aligner import FaceAligner, fallback_landmarks
+from fromface.faces.aligner import FaceAligner, placement_face
 from fromface.occlusion.occluders import OccluderLibrary
 from fromface.occlusion.synth import Synthesizer
 
@@ -82,16 +82,6 @@ class MaskRebuilder:
         self.aligner = FaceAligner(PLACEMENT_TEMPLATE, select="central")
         self._synths: dict[str, Synthesizer] = {}
 
-    def _face(self, image: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
-        """(box, landmarks) as ``occlude-pairs`` chose them: the central detected face, else the centre box."""
-        h, w = image.shape[:2]
-        if how != "centre-box":
-            faces, _ = self.aligner.detect(image)
-            chosen = self.aligner.choose(faces, h, w)
-            if chosen:
-                return chosen[0].box, chosen[0].landmarks
-        return fallback_landmarks(h, w)
-
     def mask(self, row: dict, occluded_path: Path) -> np.ndarray | None:
         """The exact occluder mask (photo size, True = covered) of one manifest row, or None when the rebuilt
         image differs from the stored one in any pixel (then the mask cannot be trusted)."""
@@ -99,7 +89,8 @@ class MaskRebuilder:
         if preset not in self._synths:
             self._synths[preset] = Synthesizer(self.library, preset=preset, grid=None, clean_prob=0.0)
         image = load_image(self.source_root / row["source"])
-        box, landmarks = self._face(image, row.get("face") or "")
+        aligner = None if (row.get("face") or "") == "centre-box" else self.aligner
+        box, landmarks, _ = placement_face(aligner, image)
         result = self._synths[preset].occlude_seeded(image, int(row["seed"]), int(row["index"]), face_box=box,
                                                      landmarks=landmarks)
         stored = load_image(occluded_path)

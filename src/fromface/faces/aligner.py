@@ -74,6 +74,20 @@ def fallback_landmarks(height: int, width: int, box: BoxFractions = FALLBACK_BOX
     return np.array([x1, y1, x1 + side, y1 + side]), landmarks
 
 
+def placement_face(aligner: FaceAligner | None, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """(box, landmarks, how) of the face an occluder is placed on: the aligner's chosen detection, else (or with no
+    aligner) the centre box of :func:`fallback_landmarks` with ``how="centre-box"``. ``occlude-pairs`` places
+    occluders so, and the eval rebuilds their exact masks the same way."""
+    h, w = image_rgb.shape[:2]
+    if aligner is not None:
+        faces, method = aligner.detect(image_rgb)
+        chosen = aligner.choose(faces, h, w)
+        if chosen:
+            return chosen[0].box, chosen[0].landmarks, method
+    box, landmarks = fallback_landmarks(h, w)
+    return box, landmarks, "centre-box"
+
+
 def covers_centre(face: Detection, height: int, width: int) -> bool:
     """Whether the face's box contains the image centre (true for the subject of every clean LFW photo)."""
     x1, y1, x2, y2 = face.box
