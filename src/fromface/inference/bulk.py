@@ -364,11 +364,11 @@ def _check_one_model(files: Sequence[EmbeddingFile]) -> None:
 
 
 def check_gallery_model(gallery: Gallery, file: EmbeddingFile) -> None:
-    """Refuse embeddings of another model than the gallery's, naming both (scores across models mean nothing)."""
-    stored = gallery.meta().get("model_id")
-    if stored is not None and stored != file.model_id:
-        raise ConfigError(f"{file.path}: embedded with model {file.model_id}, but the gallery {gallery.path} was "
-                          f"enrolled with {stored}; re-embed with that model or enrol into another gallery")
+    """Refuse embeddings of another model than the gallery's, by the gallery's own check, naming the file too."""
+    try:
+        gallery.check_model(file.model_id)
+    except ConfigError as exc:
+        raise ConfigError(f"{file.path}: embedded with model {file.model_id}; {exc}") from None
 
 
 @dataclass
@@ -411,7 +411,7 @@ def _new_templates(gallery: Gallery, people: Mapping[str, Sequence[Template]], e
                    mode: str, result: BulkEnrolment) -> dict[str, list[Template]]:
     """The templates of ``people`` that are not in the gallery yet, per identity; the others are counted and
     identities the gallery refuses are recorded in ``result``."""
-    known = known_digests(gallery, [t.digest for ts in people.values() for t in ts if t.digest])
+    known = gallery.known_digests([t.digest for ts in people.values() for t in ts if t.digest])
     todo: dict[str, list[Template]] = {}
     for raw, templates in people.items():
         try:
@@ -453,14 +453,6 @@ def _write_batch(gallery: Gallery, todo: Mapping[str, list[Template]], model: st
             raise
         except FromfaceError as exc:
             result.refused[name] = str(exc)
-
-
-def known_digests(gallery: Gallery, digests: Sequence[str]) -> dict[str, str]:
-    """{digest: identity} for those of ``digests`` already enrolled in ``gallery``.
-
-    The gallery has no public lookup of digests yet (its own enrolment uses this private one), so this is the one
-    place that reaches into it."""
-    return gallery.known_digests(list(digests))
 
 
 __all__ = ["BulkEnrolment", "EmbedJob", "EmbeddingFile", "PartialRun", "Shard", "embed_batch", "embed_collection",
