@@ -77,12 +77,12 @@ def fromface_engine(model, gallery_size: int, gallery_photos: list[str], dim_rng
     gallery = Gallery(Path(folder) / "g.db", recognizer=rec)
     for k, photo in enumerate(gallery_photos):
         gallery.enroll(f"person{k:05d}", photo)
-    dim = len(gallery.matrix()[0][0])
+    dim = len(gallery.store.matrix()[0][0])
     filler = max(0, gallery_size - len(gallery_photos))
     if filler:
         vecs = dim_rng.standard_normal((filler, dim)).astype(np.float32)
         gallery.enroll_many({f"filler{j:06d}": [Template(v)] for j, v in enumerate(vecs)})
-    gallery.matrix()
+    gallery.store.matrix()
     return {
         "verify": lambda pair: rec.verify(*pair),
         "identify": lambda photo: gallery.identify(photo, top_k=5),
@@ -173,7 +173,7 @@ def search_speed(templates: int, dim: int = 512, per_identity: int = 5, queries:
     gallery.enroll_many({f"p{i}": [Template(v) for v in vecs[i:i + per_identity]]
                          for i in range(0, templates, per_identity)})
     enrolled = time.perf_counter()
-    gallery.matrix()
+    gallery.store.matrix()
     loaded = time.perf_counter()
     times = []
     for k in range(queries):

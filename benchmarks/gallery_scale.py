@@ -62,24 +62,24 @@ def measure(size: int, queries: int, folder: Path, efs: list[int]) -> list[dict]
     probes = vecs[picks] + 0.05 * rng.standard_normal((queries, DIM)).astype(np.float32)
     exact = Gallery(path, use_faiss=False, read_only=True)
     start = time.perf_counter()
-    exact.matrix()
+    exact.store.matrix()
     load_s = time.perf_counter() - start
     exact_names, exact_t = latencies(exact, probes)
     approx = Gallery(path, use_faiss=True, read_only=True)
-    approx.matrix()
+    approx.store.matrix()
     start = time.perf_counter()
     approx.search(probes[0])  # builds the index
     build_s = time.perf_counter() - start
     import faiss
 
-    index_bytes = len(faiss.serialize_index(approx._ann.index)) - vecs.nbytes  # the graph, beyond the vectors
+    index_bytes = len(faiss.serialize_index(approx.store._ann.index)) - vecs.nbytes  # the graph, beyond the vectors
     base = {"size": size, "enrol_per_s": size / enrol_s, "load_s": load_s, "build_s": build_s,
             "exact_p50_ms": 1e3 * np.median(exact_t), "exact_p99_ms": 1e3 * np.percentile(exact_t, 99),
             "planted1": float(np.mean([n == f"id{k // 2:08d}" for n, k in zip(exact_names, picks)])),
             "ram_mb": vecs.nbytes / 2**20, "index_mb": index_bytes / 2**20, "disk_mb": path.stat().st_size / 2**20}
     rows = []
     for ef in efs:
-        approx._ann.ef_search = ef
+        approx.store._ann.ef_search = ef
         approx_names, approx_t = latencies(approx, probes)
         rows.append({**base, "ef": ef, "hnsw_p50_ms": 1e3 * np.median(approx_t),
                      "hnsw_p99_ms": 1e3 * np.percentile(approx_t, 99),

