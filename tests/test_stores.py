@@ -319,14 +319,52 @@ def test_bad_locations_get_one_line_naming_them_without_the_password(tmp_path):
     assert Gallery(f"sqlite://{tmp_path}/g.db").location == f"{tmp_path}/g.db"  # sqlite:///abs/path: a file
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fromface.cli.main", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_copy_moves_a_gallery_between_stores_and_resumes(db, tmp_path):
+    """``fromface gallery copy``: SQLite to each store and back, everything as it was (embeddings, occlusion
+    state, digests, the model); a second copy is refused, and --resume finishes an interrupted one."""
+    rng = np.random.default_rng(6)
+    source = str(tmp_path / "source.db")
+    people = {f"p{i:03d}": [Template(unit(rng), occluded=[None, False, True][i % 3], pattern=i % 5,
+                                     visible_fraction=0.5 + i / 100, source=f"{i}-{k}.jpg", digest=f"d{i}-{k}")
+                            for k in range(2)] for i in range(30)}
+    with Gallery(source) as g:
+        g.enroll_many(people, model="m:x", source="x-source")
+    done = run_cli("gallery", "copy", source, db, "--batch", "7", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "copied 30 identities (60 templates)" in done.stdout
+    back = str(tmp_path / "back.db")
+    assert run_cli("gallery", "copy", db, back, "--no-progress").returncode == 0  # and out of it again
+    probes = [unit(rng) for _ in range(5)] + [people["p004"][1].embedding]
+    with Gallery(source) as a, Gallery(db) as b, Gallery(back) as c:
+        for g in (b, c):
+            assert g.counts() == a.counts() and g.meta()["model_id"] == "m:x" and g.meta()["source"] == "x-source"
+            assert g.known_digests(["d4-1", "d29-0", "zz"]) == {"d4-1": "p004", "d29-0": "p029"}
+            for probe in probes:
+                want = [(m.name, round(m.score, 4), m.template_occluded) for m in a.search(probe, top_k=4)]
+                assert [(m.name, round(m.score, 4), m.template_occluded) for m in g.search(probe, top_k=4)] == want
+        b.remove("p003")
+        b.remove("p017")
+    again = run_cli("gallery", "copy", source, db, "--no-progress")
+    assert again.returncode == 2 and "already holds 28 identities" in again.stderr and "--resume" in again.stderr
+    resumed = run_cli("gallery", "copy", source, db, "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "copied 2 identities (4 templates)" in resumed.stdout and "28 were there already" in resumed.stdout
+    info = json.loads(run_cli("gallery", "info", db, "--json").stdout)
+    assert (info["identities"], info["templates"], info["dim"], info["model"]) == (30, 60, 64, "m:x")
+
+
 # ---------------------------------------------------------------------------------------- real faces, the CLI
 LFW_ENROLLED = ("Abdullah_Gul", "Adrien_Brody", "Alejandro_Toledo", "Angelina_Jolie", "Arnold_Schwarzenegger")
 LFW_STRANGER = "Alan_Greenspan"  # not enrolled
 
 
 def fromface(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "fromface.cli.main", *args], capture_output=True, text=True,
-                          timeout=300)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout) if "--json" in args else {}
 

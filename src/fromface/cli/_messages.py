@@ -11,3 +11,8 @@ def cli_wording(message: str) -> str:
     for api, flag in CLI_WORDING.items():
         message = message.replace(api, flag)
     return message
+
+#: What ``--db`` accepts, for every command that takes one.
+DB_HELP = ("A gallery is a file path (SQLite, the default; also sqlite:///PATH), postgresql://USER@HOST/DB "
+           "(PostgreSQL with pgvector; the password from PGPASSWORD or ~/.pgpass), milvus://HOST:PORT[/COLLECTION] "
+           "(a Milvus server) or milvus-lite:///PATH (a local Milvus Lite file).")

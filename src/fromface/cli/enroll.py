@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from fromface.cli._messages import cli_wording
+from fromface.cli._messages import DB_HELP, cli_wording
 from fromface.cli.verify import add_recognizer_args
 from fromface.data.images import scan_images
 from fromface.errors import ConfigError, DataError, FromfaceError
@@ -57,9 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "a photo without a face skips that identity with a message. A name already in the gallery is "
                        "refused unless --add is given, and an image already enrolled (same bytes) is skipped, so "
                        "running an interrupted enrolment again (after a kill, too) finishes it and adds nothing "
-                       "twice. Exit status 1 when an identity was skipped.")
+                       "twice. Exit status 1 when an identity was skipped. " + DB_HELP)
     p.add_argument("inputs", nargs="*", metavar="DIR_OR_IMAGES")
-    p.add_argument("--db", required=True, help="gallery database file (created if missing)")
+    p.add_argument("--db", required=True, help="the gallery: a file (created if missing) or a URL, see below")
     p.add_argument("--name", default=None, help="enrol all given images (or all embeddings of --from) as this one "
                    "person")
     p.add_argument("--add", action="store_true",
@@ -125,8 +125,8 @@ def _enroll_images(args: argparse.Namespace, people: dict[str, list[Path]]) -> i
                       f"({result.templates} in all)")
                 for line in result.skipped:
                     print(f"  skipped {line}", file=sys.stderr)
-        total, count = len(gallery), len(gallery.names())
-    print(f"{args.db}: {count} identities, {total} templates ({failed} identit{'ies' if failed != 1 else 'y'} skipped)")
+        total, count, where = len(gallery), len(gallery.names()), gallery.location
+    print(f"{where}: {count} identities, {total} templates ({failed} identit{'ies' if failed != 1 else 'y'} skipped)")
     return 1 if failed else 0
 
 
@@ -150,13 +150,13 @@ def _run_from(args: argparse.Namespace, shard) -> int:
                   mininterval=2.0) as bar:
             done = enroll_in_batches(gallery, people, files[0].model_id, files[0].model_source,
                                      "add" if args.add else "new", progress=bar.update)
-        total, count = len(gallery), len(gallery.names())
+        total, count, where = len(gallery), len(gallery.names()), gallery.location
     for person, why in done.refused.items():
         print(f"skipped {person}: {cli_wording(why)}", file=sys.stderr)
     print(f"enrolled {done.identities} identities from {len(files)} file{'s' * (len(files) != 1)}: {done.added} "
           f"templates added, {done.already} already enrolled ({done.unchanged} identities unchanged)")
     refused = len(done.refused)
-    print(f"{args.db}: {count} identities, {total} templates ({refused} identit{'ies' if refused != 1 else 'y'} "
+    print(f"{where}: {count} identities, {total} templates ({refused} identit{'ies' if refused != 1 else 'y'} "
           "skipped)")
     return 1 if refused else 0
 

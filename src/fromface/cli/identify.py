@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from fromface.cli._messages import DB_HELP
 from fromface.cli.verify import add_recognizer_args, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("identify", help="who is this? search an enrolled gallery",
-                       description="Find the enrolled identities closest to the face in IMAGE (exact cosine search).")
+                       description="Find the enrolled identities closest to the face in IMAGE by cosine similarity, "
+                       "the best template of each identity. " + DB_HELP)
     p.add_argument("image", help="photo to identify")
-    p.add_argument("--db", required=True, help="gallery database (made by `fromface enroll`)")
+    p.add_argument("--db", required=True, help="the gallery (a path or URL, as for `fromface enroll`)")
     p.add_argument("--top", type=positive_int, default=5, help="number of identities to list (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_recognizer_args(p)
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         recognizer_for_gallery(args, gallery)
         face = gallery.recognizer.embed(args.image)[0]
         matches = gallery.identify(face, top_k=args.top)
-        size = len(gallery)
+        size, where = len(gallery), gallery.location
     if args.json:
         print(json.dumps({"image": args.image, "gallery_templates": size, "occluded": face.occluded,
                           "visible_fraction": face.visible_fraction, "occlusion_report": face.occlusion_report,
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
                          indent=2))
         return 0
     if not matches:
-        print(f"{args.db} is empty: enrol people first")
+        print(f"{where} is empty: enrol people first")
         return 0
     best = matches[0]
     print(f"{args.image}: {'looks like ' + best.name if best.same else 'no enrolled identity matches'} "

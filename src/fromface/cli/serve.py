@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "gracefully: requests in flight finish and the gallery file is left complete.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--db", default=None, help="gallery database for /identify and /enroll")
+    p.add_argument("--db", default=None,
+                   help="the gallery for /identify and /enroll (a path or URL, as for `fromface enroll`)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted file (default 10 MB)")
     p.add_argument("--max-pixels", type=int, default=25_000_000, help="largest accepted image (default 25 MP)")
     p.add_argument("--token-file", default=None, metavar="FILE",

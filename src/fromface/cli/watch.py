@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="SOURCE",
                    help="a video file (anything this OpenCV's FFmpeg decodes: .mp4, .avi, .mkv, ...) or a camera "
                    "index (0 = the first camera; runs until Ctrl-C or --max-frames)")
-    p.add_argument("--db", required=True, help="gallery database to identify against (made by `fromface enroll`)")
+    p.add_argument("--db", required=True,
+                   help="the gallery to identify against (a path or URL, as for `fromface enroll`)")
     p.add_argument("--out", metavar="ANNOTATED.mp4", default=None,
                    help="write the video with a box per tracked face: track number, name or 'unknown', score, and "
                    "clean/occluded with the visible fraction (green: identified, red: unknown, thick: occluded); "
@@ -88,14 +89,14 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
             if writer is not None:
                 writer.close()
-        empty = len(gallery) == 0
+        empty = gallery.location if len(gallery) == 0 else None
     if args.csv is not None:
         write_tracks_csv(args.csv, result.tracks)
     _print_summary(args, result, video.fps, writer, empty)
     return INTERRUPTED if result.interrupted else ENDED_EARLY if result.ended_early else 0
 
 
-def _print_summary(args: argparse.Namespace, result, fps: float, writer, empty: bool) -> None:
+def _print_summary(args: argparse.Namespace, result, fps: float, writer, empty: str | None) -> None:
     duration = f" ({result.frames_read / fps:.1f} s of video)" if fps else ""
     nth = "every frame" if args.every == 1 else f"one frame in {args.every}"
     print(f"{result.source}: {result.frames_read} frames{duration} in {result.seconds:.1f} s, {result.fps:.1f} "
@@ -105,7 +106,7 @@ def _print_summary(args: argparse.Namespace, result, fps: float, writer, empty: 
     if result.ended_early:
         print(f"  ended early: {result.ended_early}; the {result.frames_read} frames read are kept")
     if empty:
-        print(f"  {args.db} is empty: every track is unknown (enrol people first)")
+        print(f"  {empty} is empty: every track is unknown (enrol people first)")
     for t in result.tracks:
         m = t.match
         score = "" if m is None else f" {m.score:.3f} (threshold {m.threshold:.3f}, {m.condition})"

@@ -18,7 +18,7 @@ only stores and searches. Its contract:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,6 +103,11 @@ class Store(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections and files."""
+
+    def people(self, batch: int = 1000) -> Iterator[list[Person]]:
+        """Every identity with its templates (unit embeddings and what was stored with them), ``batch``
+        identities at a time: what a copy to another store reads."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its templates")
 
     def names(self) -> list[str]:
         """Enrolled identity names, sorted."""

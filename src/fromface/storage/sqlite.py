@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 
 from fromface.errors import ConfigError, DataError
-from fromface.storage.base import Hits, Person, Store, best_per_identity, model_meta, read_only_error, refuse_existing
+from fromface.storage.base import (
+    Hits,
+    Person,
+    Store,
+    Template,
+    best_per_identity,
+    model_meta,
+    read_only_error,
+    refuse_existing,
+)
 
 SCHEMA_VERSION = 2  # 2: templates.digest (sha256 of the enrolled image), so the same image is never enrolled twice
 READABLE_VERSIONS = (1, 2)
@@ -266,6 +275,23 @@ class SqliteStore(Store):
                 out.update(self._conn.execute(f"SELECT t.digest, i.name FROM templates t JOIN identities i ON "
                                               f"i.id = t.identity_id WHERE t.digest IN ({marks})", chunk).fetchall())
             return out
+
+    def people(self, batch: int = 1000) -> Iterator[list[Person]]:
+        with self._lock:
+            identities = self._conn.execute("SELECT id, name FROM identities ORDER BY id").fetchall()
+        for start in range(0, len(identities), max(int(batch), 1)):
+            chunk = dict(identities[start:start + max(int(batch), 1)])
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                rows = self._conn.execute(
+                    "SELECT identity_id, embedding, occluded, pattern, visible_fraction, source, digest FROM "
+                    f"templates WHERE identity_id IN ({marks}) ORDER BY id", list(chunk)).fetchall()
+            found: dict[int, list] = {k: [] for k in chunk}
+            for owner, blob, occluded, pattern, visible, source, digest in rows:
+                emb = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+                found[owner].append((emb, Template(emb, None if occluded is None else bool(occluded), pattern,
+                                                   visible, source or "", digest)))
+            yield [(chunk[k], templates) for k, templates in found.items() if templates]
 
     def _version(self) -> tuple[int, int]:
         return int(self._conn.execute("PRAGMA data_version").fetchone()[0]), self._own_changes
