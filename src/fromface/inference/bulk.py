@@ -396,14 +396,15 @@ def enroll_in_batches(gallery: Gallery, people: Mapping[str, Sequence[Template]]
     existing = set(gallery.names())
     seen: set[str] = set()
     names = list(people)
-    for start in range(0, len(names), max(int(batch), 1)):
-        chunk = names[start:start + max(int(batch), 1)]
-        todo = _new_templates(gallery, {n: people[n] for n in chunk}, existing, seen, mode, result)
-        if todo:
-            _write_batch(gallery, todo, model, source, mode, result)
-            existing.update(todo)
-        if progress is not None:
-            progress(len(chunk))
+    with gallery.bulk(sum(len(ts) for ts in people.values())):
+        for start in range(0, len(names), max(int(batch), 1)):
+            chunk = names[start:start + max(int(batch), 1)]
+            todo = _new_templates(gallery, {n: people[n] for n in chunk}, existing, seen, mode, result)
+            if todo:
+                _write_batch(gallery, todo, model, source, mode, result)
+                existing.update(todo)
+            if progress is not None:
+                progress(len(chunk))
     return result
 
 

@@ -313,6 +313,12 @@ class Gallery:
             raise DataError("enrolment: no identities given")
         return self.store.write(prepared, dims.pop(), model, source, mode)
 
+    def bulk(self, templates: int):
+        """``with gallery.bulk(n): ...`` around many enrolments adding about ``n`` templates in all (an import, a
+        copy): a PostgreSQL gallery then builds its search index once at the end instead of growing it a
+        template at a time, ten times faster; other stores do nothing different."""
+        return self.store.bulk(templates)
+
     def remove(self, name: str) -> int:
         """Delete an identity and its templates; returns the number of templates removed (0 if unknown)."""
         return self.store.remove(name)

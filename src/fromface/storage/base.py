@@ -17,6 +17,7 @@ only stores and searches. Its contract:
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,12 @@ class Store(ABC):
     def close(self) -> None:
         """Release connections and files."""
 
+    @contextlib.contextmanager
+    def bulk(self, templates: int) -> Iterator[None]:
+        """Around a bulk load of about ``templates`` templates in many writes: a store whose index is slow to grow
+        a template at a time (pgvector's HNSW) builds it once at the end instead. Others do nothing."""
+        yield
+
     def people(self, batch: int = 1000) -> Iterator[list[Person]]:
         """Every identity with its templates (unit embeddings and what was stored with them), ``batch``
         identities at a time: what a copy to another store reads."""
@@ -129,24 +136,24 @@ class Store(ABC):
         self.close()
 
 
-def best_per_identity(nearest: Callable[[int], Hits], total: int, top_k: int) -> Hits:
-    """The best template of each of the ``top_k`` best identities among ``total`` templates, from
-    ``nearest(count)`` (the ``count`` nearest templates, best first): four times ``top_k`` are fetched at first,
-    four times more until ``top_k`` different identities are among them or the gallery is exhausted, so an
-    identity with many templates never fills a top-k twice."""
+def best_per_identity(nearest: Callable[[int], Hits], total: int | None, top_k: int) -> Hits:
+    """The best template of each of the ``top_k`` best identities among ``total`` templates (None: not counted;
+    the gallery is exhausted when ``nearest`` returns fewer than asked), from ``nearest(count)`` (the ``count``
+    nearest templates, best first): four times ``top_k`` are fetched at first, four times more until ``top_k``
+    different identities are among them, so an identity with many templates never fills a top-k twice."""
     if total == 0:
         return Hits(np.zeros(0, np.int64), np.zeros(0, np.float32), [], [])
-    wide = min(total, 4 * top_k)
+    wide = 4 * top_k if total is None else min(total, 4 * top_k)
     while True:
         hits = nearest(wide)
         best: dict[str, int] = {}
         for k, name in enumerate(hits.names):
             best.setdefault(name, k)
-        if len(best) >= top_k or wide >= total:
+        if len(best) >= top_k or (wide >= total if total is not None else len(hits) < wide):
             keep = sorted(best.values())[:top_k]
             return Hits(hits.ids[keep], hits.scores[keep], [hits.names[k] for k in keep],
                         [hits.occluded[k] for k in keep])
-        wide = min(total, 4 * wide)
+        wide = 4 * wide if total is None else min(total, 4 * wide)
 
 
 def check_mode(mode: str) -> None:

@@ -34,21 +34,23 @@ def copy_store(source: Store, target: Store, batch: int = 1000, resume: bool = F
         raise DataError(f"{target.location}: already holds {len(there):,} identities; copy into an empty gallery, "
                         "or pass resume=True (--resume) to finish an interrupted copy of the same gallery")
     done = Copied()
-    for people in source.people(batch):
-        todo = []
-        for name, rows in people:
-            if name not in there:
-                todo.append((name, rows))
-            elif there[name] == len(rows):
-                done.already += 1
-            else:
-                raise DataError(f"{target.location}: {name!r} has {there[name]} templates there but "
-                                f"{len(rows)} in {source.location}; the target is not a copy of the source")
-        if todo:
-            done.templates += target.write(todo, int(meta["dim"]), meta.get("model_id"), meta.get("source"), "new")
-            done.identities += len(todo)
-        if progress is not None:
-            progress(len(people))
+    with target.bulk(len(source)):
+        for people in source.people(batch):
+            todo = []
+            for name, rows in people:
+                if name not in there:
+                    todo.append((name, rows))
+                elif there[name] == len(rows):
+                    done.already += 1
+                else:
+                    raise DataError(f"{target.location}: {name!r} has {there[name]} templates there but "
+                                    f"{len(rows)} in {source.location}; the target is not a copy of the source")
+            if todo:
+                done.templates += target.write(todo, int(meta["dim"]), meta.get("model_id"), meta.get("source"),
+                                               "new")
+                done.identities += len(todo)
+            if progress is not None:
+                progress(len(people))
     return done
 
 
