@@ -12,10 +12,11 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: What each layer may import (besides itself). ``top`` is the ``fromface`` package (version, lazy exports).
-LOWER = ["errors", "data", "faces", "occlusion", "models"]
+LOWER = ["errors", "data", "faces", "occlusion", "models", "storage"]
 ALLOWED = {
     "top": {"errors"},
     "errors": set(),
+    "storage": {"errors"},
     "data": {"errors"},
     "faces": {"errors", "data"},
     "occlusion": {"errors", "data", "faces"},

@@ -126,8 +126,9 @@ class Store(ABC):
         return int(value) if value is not None else None
 
     def search(self, query: np.ndarray, top_k: int) -> Hits:
-        """The best template of each of the ``top_k`` identities closest to ``query``, best first."""
-        return best_per_identity(lambda count: self.nearest(query, count), len(self), top_k)
+        """The best template of each of the ``top_k`` identities closest to ``query``, best first (without
+        counting the templates: on a server a count can cost more than the search)."""
+        return best_per_identity(lambda count: self.nearest(query, count), None, top_k)
 
     def __enter__(self) -> Store:
         return self

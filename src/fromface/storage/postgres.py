@@ -32,18 +32,17 @@ from urllib.parse import unquote
 import numpy as np
 
 from fromface.errors import ConfigError, DataError
-from fromface.storage import redact
 from fromface.storage.base import (
     Hits,
     Person,
     Store,
     Template,
-    best_per_identity,
     check_mode,
     model_meta,
     read_only_error,
     refuse_existing,
 )
+from fromface.storage.urls import redact
 
 SCHEMA_VERSION = 1
 #: The advisory lock every fromface writer of a database takes for the length of its transaction: the ASCII bytes
@@ -641,11 +640,6 @@ class PostgresStore(Store):
             conn.execute("SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(change)),
                          [x for kv in change.items() for x in kv])
             self._gucs.update(change)
-
-    def search(self, query: np.ndarray, top_k: int) -> Hits:
-        """:meth:`Store.search` without counting the templates first (a full count of a million-row table costs
-        more than the HNSW search): the gallery is exhausted when ``nearest`` returns fewer than asked."""
-        return best_per_identity(lambda count: self.nearest(query, count), None, top_k)
 
     def close(self) -> None:
         with self._lock:
