@@ -185,22 +185,16 @@ def _hidden(states: Sequence[_State]) -> tuple[set[int], set[str]]:
     return batches, names
 
 
-def _hidden_expr(batches: set[int], names: set[str]) -> str:
-    parts = []
-    if batches:
-        parts.append(f"batch in {_in_list(sorted(batches))}")
-    if names:
-        parts.append(f"identity in {_in_list(sorted(names))}")
-    return " or ".join(parts)
+def _hidden_expr(batches: set[int], names: set[str], visible: bool = False) -> str:
+    """A filter for the templates of ``batches`` or of ``names`` (``visible``: for all the others)."""
+    test, join = ("not in", " and ") if visible else ("in", " or ")
+    parts = [f"batch {test} {_in_list(sorted(batches))}"] if batches else []
+    parts += [f"identity {test} {_in_list(sorted(names))}"] if names else []
+    return join.join(parts)
 
 
 def _visible_expr(batches: set[int], names: set[str]) -> str:
-    parts = []
-    if batches:
-        parts.append(f"batch not in {_in_list(sorted(batches))}")
-    if names:
-        parts.append(f"identity not in {_in_list(sorted(names))}")
-    return " and ".join(parts)
+    return _hidden_expr(batches, names, visible=True)
 
 
 def _pymilvus(location: str, lite: bool) -> Any:
