@@ -90,7 +90,8 @@ def rss_mb() -> float:
 
 
 def space_mb(kind: str, db: str) -> float:
-    """Disk used by the gallery: the file(s), or the server's tables and indexes."""
+    """Disk used by the gallery: its folder (each file store has one of its own), or the server's tables and
+    indexes."""
     if kind == "postgresql":
         import psycopg
 
@@ -99,9 +100,7 @@ def space_mb(kind: str, db: str) -> float:
                        for t in ("fromface_templates", "fromface_identities", "fromface_meta")) / 2**20
     from fromface.storage import local_path
 
-    path = local_path(db)
-    files = [f for f in path.parent.rglob("*") if f.is_file()] if path.parent.name.startswith("store-") else [path]
-    return sum(f.stat().st_size for f in files) / 2**20
+    return sum(f.stat().st_size for f in local_path(db).parent.rglob("*") if f.is_file()) / 2**20
 
 
 class Locations:

@@ -347,16 +347,18 @@ class SqliteStore(Store):
 
     def search(self, query: np.ndarray, top_k: int) -> Hits:
         """:meth:`Store.search` over one snapshot of the in-memory rows (the widening never mixes two)."""
-        with self._lock:
-            snapshot = self.matrix()
-            ann = self._ann_index(snapshot[0])
-        return best_per_identity(_snapshot_nearest(snapshot, ann, self._lock, query), len(snapshot[0]), top_k)
+        nearest, total = self._snapshot_nearest(query)
+        return best_per_identity(nearest, total, top_k)
 
     def nearest(self, query: np.ndarray, count: int) -> Hits:
+        return self._snapshot_nearest(query)[0](count)
+
+    def _snapshot_nearest(self, query: np.ndarray) -> tuple[Callable[[int], Hits], int]:
+        """(``nearest(count)`` over the rows as of now, how many rows that is)."""
         with self._lock:
             snapshot = self.matrix()
             ann = self._ann_index(snapshot[0])
-        return _snapshot_nearest(snapshot, ann, self._lock, query)(count)
+        return _snapshot_nearest(snapshot, ann, self._lock, query), len(snapshot[0])
 
     def _ann_index(self, mat: np.ndarray) -> HnswIndex | None:
         """The approximate index over ``mat`` (the current rows; call with the lock held) for a gallery above
