@@ -107,3 +107,34 @@ def test_mask_loss_targets_the_pattern_rectangle():
     assert (grad_mask.grad[0] < 0).all()  # a clean face's mask is pushed up everywhere
     with pytest.raises(ValueError, match="grid"):
         FromLoss(8, 4, mask_weight=1.0)
+
+
+def test_mask_loss_with_the_occluder_as_truth_follows_its_pixels():
+    """mask_truth="occluder": the truth is 1 - the occluder's coverage of each mask cell, averaged down from pixels."""
+    loss = FromLoss(8, 4, margin_weight=0.0, pattern_weight=0.0, mask_weight=1.0, mask_truth="occluder")
+    covered = torch.zeros(2, 40, 40)  # pixels; the mask is 10x10, so each cell is 4x4 pixels
+    covered[1, 20:40, 0:40] = 1.0  # the lower half
+    covered[1, 8:10, 0:4] = 1.0  # half of cell (2, 0)
+    visible = torch.ones(2, 10, 10)
+    visible[1, 5:] = 0.0
+    visible[1, 2, 0] = 0.5
+    emb, labels = torch.randn(2, 8), torch.tensor([0, 1])
+
+    def mask_term(mask: torch.Tensor) -> torch.Tensor:
+        out = FaceOutput(embedding=emb, mask=mask[:, None].expand(2, 3, 10, 10), pattern_logits=torch.randn(2, 226))
+        return loss(out, labels, torch.tensor([0, 5]), covered=covered)["mask"]
+
+    right = mask_term(visible.clamp(0.01, 0.99))
+    upper_cell_ignored = visible.clone()
+    upper_cell_ignored[1, 2, 0] = 0.99
+    assert right < mask_term(upper_cell_ignored.clamp(0.01, 0.99)) < mask_term(torch.full((2, 10, 10), 0.9))
+    grad_mask = torch.full((2, 10, 10), 0.7, requires_grad=True)
+    mask_term(grad_mask).backward()
+    assert (grad_mask.grad[1, 5:] > 0).all() and (grad_mask.grad[1, :2] < 0).all() and (grad_mask.grad[0] < 0).all()
+    assert grad_mask.grad[1, 2, 0] > 0  # half covered: 0.7 is above its truth of 0.5
+    pattern_only = FromLoss(8, 4, margin_weight=0.0, pattern_weight=0.0, mask_weight=1.0, grid=5)
+    out = FaceOutput(embedding=emb, mask=torch.full((2, 1, 10, 10), 0.9), pattern_logits=torch.randn(2, 226))
+    assert "mask" not in loss(out, labels, torch.tensor([0, 5]))  # no coverage given: no term, never a wrong one
+    assert "mask" in pattern_only(out, labels, torch.tensor([0, 5]), covered=covered)
+    with pytest.raises(ValueError, match="mask_truth"):
+        FromLoss(8, 4, mask_weight=1.0, mask_truth="box")

@@ -602,7 +602,7 @@ def test_training_on_stored_trunk_outputs(faces, tmp_path):
     faces_ds, stored = trainer_faces(trainer), trainer.dataset
     i, epoch = 3, 0
     v = (epoch + int(stored.offsets[i])) % stored.variants
-    image, pattern, clean, _, _ = faces_ds.sample(i, v)
+    image, pattern, clean, _, _, _ = faces_ds.sample(i, v)
     p = trainer.preprocess
     item = stored[(i, epoch)]
     maps, target, shift = item.maps, item.targets, item.shifts
@@ -682,6 +682,41 @@ def test_low_rank_head_adapter_starts_as_identity_and_trains():
         twin.head_adapter.up.weight.zero_()
         assert torch.allclose(twin(x).embedding, plain(x).embedding, atol=1e-6)
         assert torch.allclose(adapted(x).embedding, changed)
+
+
+def test_the_mask_learns_the_occluders_pixels_on_the_fly_and_from_stored_outputs(faces, tmp_path):
+    """loss.mask_truth: occluder: each version's occluder pixels reach the loss, stored as coverage per mask cell."""
+    import torch.nn.functional as F
+
+    truth = {"loss": {"mask_weight": 1.0, "mask_truth": "occluder", "pattern_weight": 0.0},
+             "model": {"kwargs": {"grid": 3, "mask_stage": 2}}}
+    live = Trainer(tiny_config(faces, tmp_path / "live", **truth), progress=False)
+    batch = next(iter(live.loader(0, 0)))
+    h, w = live.preprocess.size
+    assert batch.covered.shape == (6, h, w) and batch.covered.amax() == 1.0
+    assert [bool(c.any()) for c in batch.covered] == [bool(p > 0) for p in batch.patterns]
+    assert "mask" in live.train_step(batch)
+
+    stored_cfg = dict(truth, data={"feature_cache_variants": 2, "cache_dir": str(tmp_path / "cache")})
+    trainer = Trainer(tiny_config(faces, tmp_path / "stored", **stored_cfg), progress=False)
+    [folder] = (tmp_path / "cache").glob("features-*")
+    covered = np.load(folder / "covered.npy")
+    mask_hw = trainer.dataset.maps[-1].shape[2:]
+    assert covered.shape == (len(trainer.dataset) * 2, *mask_hw)
+    i, epoch = 4, 1
+    v = (epoch + int(trainer.dataset.offsets[i])) % 2
+    pixels = trainer_faces(trainer).sample(i, v)[5]
+    want = F.adaptive_avg_pool2d(torch.from_numpy(pixels.astype(np.float32))[None, None], mask_hw)[0, 0]
+    item = trainer.dataset[(i, epoch)]
+    assert torch.allclose(item.covered, want, atol=1 / 255) and (item.covered.sum() > 0) == (item.patterns > 0)
+    assert covered.max() == 255 and not covered[np.asarray(trainer.dataset.patterns) == 0].any()
+    trainer.set_train_mode()
+    assert trainer.train_step(next(iter(trainer.loader(0, 0))))["mask"] > 0
+    os.remove(folder / "covered.npy")  # a store made before the occluder pixels were stored is refused
+    with pytest.raises(ConfigError, match="without the occluders' pixels.*delete the folder"):
+        Trainer(tiny_config(faces, tmp_path / "stored2", **stored_cfg), progress=False)
+    with pytest.raises(ConfigError, match="loss.mask_truth"):
+        Trainer(tiny_config(faces, tmp_path / "bad", loss={"mask_truth": "box"}), progress=False)
 
 
 def test_mask_loss_without_a_mask_is_a_config_error(faces, tmp_path):

@@ -66,7 +66,8 @@ class LossConfig:
     pattern_weight: float = 1.0
     margin_weight: float = 1.0  # 0 trains without the identity classifier (e.g. consistency only)
     consistency_weight: float = 0.0  # pull occluded masked embeddings toward a frozen trunk's clean ones
-    mask_weight: float = 0.0  # supervise the mask: 0 inside the labelled pattern's rectangle, 1 outside
+    mask_weight: float = 0.0  # supervise the mask: 0 where the face is covered, 1 where it is visible
+    mask_truth: str = "pattern"  # what "covered" is: the labelled pattern's rectangle, or the occluder's own pixels
     align_weight: float = 0.0  # train FROM's align head on re-detected faces (occlusion.realign, stored outputs)
     consistency_cache: bool = False  # compute each clean target once (faster; last-bit float drift on resume)
 
@@ -255,6 +256,7 @@ CHOICES = {
     "optim.name": ("sgd", "adamw"),
     "schedule.kind": ("step", "cosine", "constant"),
     "loss.margin": ("cosface", "arcface"),
+    "loss.mask_truth": ("pattern", "occluder"),
     "eval.select": ("val_acc", "val_occ_acc", "val_mean"),
 }
 

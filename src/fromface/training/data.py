@@ -199,6 +199,7 @@ class TrainBatch:
     keys: torch.Tensor | None = None  # 2 x row + flip: where the teacher's embedding of ``clean`` is cached
     targets: torch.Tensor | None = None  # stored consistency targets (the starting model's clean embeddings)
     shifts: torch.Tensor | None = None  # stored landmark shifts from re-alignment (the align head's target)
+    covered: torch.Tensor | None = None  # (H, W) fraction of each pixel or mask cell the occluder covers
 
     def __post_init__(self):
         if (self.images is None) == (self.maps is None):
@@ -246,12 +247,15 @@ class TrainBatch:
 class TrainFaces(torch.utils.data.Dataset):
     """Augmented training images as :class:`TrainBatch` items; index with ``(row, epoch)`` from :class:`EpochBatches`.
 
-    ``with_clean`` adds each image's clean twin and its key (row and flip), for the consistency term's teacher.
+    ``with_clean`` adds each image's clean twin and its key (row and flip), for the consistency term's teacher;
+    ``with_covered`` the occluder's pixels, for the mask term with ``loss.mask_truth: occluder``.
     """
 
     def __init__(self, source, rows: np.ndarray, labels: np.ndarray, *, preprocess, seed: int, flip: bool = True,
-                 occluder=None, clean_prob: float = 1.0, grid: int | None = None, with_clean: bool = False):
-        self.source, self.rows, self.labels, self.with_clean = source, rows, labels, with_clean
+                 occluder=None, clean_prob: float = 1.0, grid: int | None = None, with_clean: bool = False,
+                 with_covered: bool = False):
+        self.source, self.rows, self.labels = source, rows, labels
+        self.with_clean, self.with_covered = with_clean, with_covered
         self.preprocess, self.seed, self.flip = preprocess, seed, flip
         self.occluder, self.clean_prob = occluder, clean_prob
         h, w = preprocess.size
@@ -260,9 +264,10 @@ class TrainFaces(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, int, np.ndarray, bool, np.ndarray]:
+    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, int, np.ndarray, bool, np.ndarray, np.ndarray]:
         """The augmented uint8 image, its occlusion-pattern label (0 = clean), the image before occlusion,
-        whether it was flipped, and the landmark shift from re-alignment (:class:`RealigningOccluder`)."""
+        whether it was flipped, the landmark shift from re-alignment (:class:`RealigningOccluder`) and the
+        occluder's pixels in the crop (a bool map, all False for a clean face)."""
         rng = np.random.default_rng([self.seed, epoch, int(i)])
         row = int(self.rows[i])
         image = self.source.image(row)
@@ -270,25 +275,30 @@ class TrainFaces(torch.utils.data.Dataset):
         if flipped:
             image = np.ascontiguousarray(image[:, ::-1])
         clean, pattern, shift = image, 0, NO_SHIFT
+        covered = np.zeros(image.shape[:2], dtype=bool)
         if self.occluder is not None and rng.random() >= self.clean_prob:
-            image, mask, shift = occlude_sample(self.occluder, image, rng, source=self.source, row=row, flipped=flipped)
+            image, covered, shift = occlude_sample(self.occluder, image, rng, source=self.source, row=row,
+                                                   flipped=flipped)
             if self.vocab is not None:
-                pattern = box_label(self.vocab, mask)
-        return image, pattern, clean, flipped, shift
+                pattern = box_label(self.vocab, covered)
+        return image, pattern, clean, flipped, shift, covered
 
-    def item(self, i: int, epoch: int, *, with_clean: bool = False, with_shift: bool = False) -> TrainBatch:
-        """Sample ``i`` of ``epoch`` as network input, with its clean twin and key, and its landmark shift."""
-        image, pattern, clean, flipped, shift = self.sample(i, epoch)
+    def item(self, i: int, epoch: int, *, with_clean: bool = False, with_shift: bool = False,
+             with_covered: bool = False) -> TrainBatch:
+        """Sample ``i`` of ``epoch`` as network input, with its clean twin and key, its landmark shift and the
+        occluder's pixels, each when asked for."""
+        image, pattern, clean, flipped, shift, covered = self.sample(i, epoch)
         to_input = self.preprocess.to_input
         return TrainBatch(images=torch.from_numpy(to_input(image))[0], labels=torch.tensor(int(self.labels[i])),
                           patterns=torch.tensor(int(pattern)),
                           clean=torch.from_numpy(to_input(clean))[0] if with_clean else None,
                           keys=torch.tensor(2 * int(i) + int(flipped)) if with_clean else None,
-                          shifts=torch.from_numpy(shift) if with_shift else None)
+                          shifts=torch.from_numpy(shift) if with_shift else None,
+                          covered=torch.from_numpy(covered.astype(np.float32)) if with_covered else None)
 
     def __getitem__(self, key: tuple[int, int]) -> TrainBatch:
         i, epoch = key
-        return self.item(i, epoch, with_clean=self.with_clean)
+        return self.item(i, epoch, with_clean=self.with_clean, with_covered=self.with_covered)
 
 
 def check_batching(n: int, global_batch: int, world: int, accumulate: int = 1) -> None:

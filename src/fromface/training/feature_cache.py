@@ -74,7 +74,8 @@ def fingerprint(parts: dict) -> str:
 
 
 class _Variants(torch.utils.data.Dataset):
-    """Version ``v`` of training image ``i`` (item ``i * variants + v``) with its clean twin and landmark shift."""
+    """Version ``v`` of training image ``i`` (item ``i * variants + v``) with its clean twin, landmark shift and
+    occluder pixels."""
 
     def __init__(self, faces: TrainFaces, variants: int):
         self.faces, self.variants = faces, variants
@@ -84,7 +85,7 @@ class _Variants(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> TrainBatch:
         i, v = divmod(k, self.variants)
-        return self.faces.item(i, v, with_clean=True, with_shift=True)
+        return self.faces.item(i, v, with_clean=True, with_shift=True, with_covered=True)
 
 
 def build_feature_cache(model: nn.Module, faces: TrainFaces, *, variants: int, folder: Path, key: dict,
@@ -121,13 +122,15 @@ def build_feature_cache(model: nn.Module, faces: TrainFaces, *, variants: int, f
 def _write_store(model: nn.Module, loader, tmp: Path, *, images: int, variants: int, k_maps: int,
                  progress: bool) -> None:
     """The store's arrays: the last ``k_maps`` stage maps up to the mask (float16, ``maps{j}.npy``), pattern labels,
-    landmark shifts and, per version, the consistency target of its clean twin (computed once per image and flip)."""
+    landmark shifts, the occluder's coverage of each cell of the masked map (uint8, 255 = covered) and, per
+    version, the consistency target of its clean twin (computed once per image and flip)."""
     n = images * variants
     shapes = model.backbone.stage_shapes(*model.input_size)[model.mask_stage - k_maps + 1: model.mask_stage + 1]
     maps = [np.lib.format.open_memmap(tmp / f"maps{j}.npy", "w+", np.float16, (n, *s)) for j, s in enumerate(shapes)]
     patterns = np.zeros(n, dtype=np.int64)
     flips = np.zeros(n, dtype=np.int64)
     shifts = np.zeros((n, 5, 2), dtype=np.float32)
+    covered = np.zeros((n, *shapes[-1][1:]), dtype=np.uint8)
     targets = np.zeros((images, 2, model.embedding_dim), dtype=np.float32)  # per image and flip
     have = np.zeros((images, 2), dtype=bool)
     bar = tqdm(total=n, desc="storing trunk outputs", unit="img", dynamic_ncols=True, disable=not progress)
@@ -140,6 +143,8 @@ def _write_store(model: nn.Module, loader, tmp: Path, *, images: int, variants: 
             maps[j][rows] = m.contiguous().numpy().astype(np.float16)
         flip = (batch.keys % 2).numpy()
         patterns[rows], flips[rows], shifts[rows] = batch.patterns.numpy(), flip, batch.shifts.numpy()
+        cells = torch.nn.functional.adaptive_avg_pool2d(batch.covered[:, None], covered.shape[1:])[:, 0]
+        covered[rows] = (cells * 255).round().to(torch.uint8).numpy()
         image_ids = rows // variants
         todo = ~have[image_ids, flip]
         todo &= ~_seen_earlier(image_ids * 2 + flip)
@@ -156,6 +161,7 @@ def _write_store(model: nn.Module, loader, tmp: Path, *, images: int, variants: 
     del maps
     np.save(tmp / "patterns.npy", patterns)
     np.save(tmp / "shifts.npy", shifts)
+    np.save(tmp / "covered.npy", covered)
     np.save(tmp / "targets.npy", targets[np.arange(n) // variants, flips])
 
 
@@ -187,6 +193,7 @@ class StoredFaces(torch.utils.data.Dataset):
         self.patterns = np.load(folder / "patterns.npy")
         self.targets = np.load(folder / "targets.npy")
         self.shifts = np.load(folder / "shifts.npy") if (folder / "shifts.npy").is_file() else None
+        self.covered = np.load(folder / "covered.npy", mmap_mode="r") if (folder / "covered.npy").is_file() else None
         self.labels = labels
         self.offsets = np.random.default_rng([seed, 5]).integers(0, self.variants, n)
 
@@ -199,7 +206,8 @@ class StoredFaces(torch.utils.data.Dataset):
         return TrainBatch(maps=[torch.from_numpy(np.asarray(m[k], dtype=np.float32)) for m in self.maps],
                           labels=torch.tensor(int(self.labels[i])), patterns=torch.tensor(int(self.patterns[k])),
                           targets=torch.from_numpy(self.targets[k]),
-                          shifts=None if self.shifts is None else torch.from_numpy(self.shifts[k]))
+                          shifts=None if self.shifts is None else torch.from_numpy(self.shifts[k]),
+                          covered=None if self.covered is None else torch.from_numpy(self.covered[k] / 255.0).float())
 
 
 def stored_dataset(cfg: TrainConfig, model: nn.Module, faces: TrainFaces, labels: np.ndarray, *,
@@ -219,4 +227,7 @@ def stored_dataset(cfg: TrainConfig, model: nn.Module, faces: TrainFaces, labels
     if cfg.loss.align_weight > 0 and not (folder / "shifts.npy").is_file():
         raise ConfigError(f"{folder}: stored by an older fromface without landmark shifts (loss.align_weight needs "
                           "them); delete the folder to store it again")
+    if cfg.loss.mask_weight > 0 and cfg.loss.mask_truth == "occluder" and not (folder / "covered.npy").is_file():
+        raise ConfigError(f"{folder}: stored by an older fromface without the occluders' pixels (loss.mask_truth: "
+                          "occluder needs them); delete the folder to store it again")
     return StoredFaces(folder, labels, cfg.seed)

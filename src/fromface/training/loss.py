@@ -24,8 +24,11 @@ class FromLoss(nn.Module):
     where the clean face sits.
 
     ``mask_weight`` > 0 (also beyond the paper) supervises the soft mask itself: binary cross-entropy
-    toward 0 inside the labelled pattern's rectangle and 1 elsewhere (all 1 for clean faces), so the
-    mask has to switch the occluded features off rather than leave that to the layers above it.
+    toward 0 where the face is covered and 1 elsewhere (all 1 for clean faces), so the mask has to
+    switch the occluded features off rather than leave that to the layers above it. ``mask_truth``
+    says what "covered" is: ``pattern``, the labelled pattern's rectangle (all the label knows), or
+    ``occluder``, the fraction of each mask cell that the pasted occluder covers (the synthesiser knows
+    it pixel by pixel; a hat or a moustache is not a rectangle).
 
     ``align_weight`` > 0 trains FROM's align head: L1 between its landmark shift and the shift that
     re-detection really caused (fractions of the crop size; zero for faces aligned as when clean).
@@ -43,6 +46,7 @@ class FromLoss(nn.Module):
         consistency_weight: float = 0.0,
         margin_weight: float = 1.0,
         mask_weight: float = 0.0,
+        mask_truth: str = "pattern",
         grid: int | None = None,
         align_weight: float = 0.0,
     ):
@@ -53,9 +57,11 @@ class FromLoss(nn.Module):
         self.pattern_weight = pattern_weight
         self.consistency_weight = consistency_weight
         self.margin_weight = margin_weight
-        if mask_weight > 0 and grid is None:
-            raise ValueError("mask_weight needs the pattern grid of the model")
-        self.mask_weight, self.grid, self.align_weight = mask_weight, grid, align_weight
+        if mask_truth not in ("pattern", "occluder"):
+            raise ValueError(f"mask_truth must be 'pattern' or 'occluder', got {mask_truth!r}")
+        if mask_weight > 0 and mask_truth == "pattern" and grid is None:
+            raise ValueError("mask_weight with the pattern as truth needs the pattern grid of the model")
+        self.mask_weight, self.mask_truth, self.grid, self.align_weight = mask_weight, mask_truth, grid, align_weight
         if margin_weight == 0:  # no identity classifier to train (and none left unused under DDP)
             self.classifier.requires_grad_(False)
 
@@ -65,7 +71,7 @@ class FromLoss(nn.Module):
         ``grid`` is the model's pattern grid, which ``mask_weight`` needs."""
         return cls(embedding_dim, num_classes, margin=cfg.margin, scale=cfg.scale, margin_value=cfg.margin_value,
                    pattern_weight=cfg.pattern_weight, consistency_weight=cfg.consistency_weight,
-                   margin_weight=cfg.margin_weight, mask_weight=cfg.mask_weight, grid=grid,
+                   margin_weight=cfg.margin_weight, mask_weight=cfg.mask_weight, mask_truth=cfg.mask_truth, grid=grid,
                    align_weight=cfg.align_weight)
 
     def forward(
@@ -75,7 +81,10 @@ class FromLoss(nn.Module):
         pattern_labels: torch.Tensor | None = None,
         target_embedding: torch.Tensor | None = None,
         landmark_shift: torch.Tensor | None = None,
+        covered: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """The named loss parts; ``covered`` (N, h, w) is the fraction of each pixel or cell the occluder covers
+        (``mask_truth: occluder``), at any resolution: it is averaged down to the mask's."""
         losses: dict[str, torch.Tensor] = {}
         total = output.embedding.new_zeros(())
         if self.margin_weight > 0:
@@ -88,8 +97,9 @@ class FromLoss(nn.Module):
             cos = F.cosine_similarity(output.embedding.float(), target_embedding.float().detach(), dim=1)
             losses["consistency"] = (1.0 - cos).mean()
             total = total + self.consistency_weight * losses["consistency"]
-        if self.mask_weight > 0 and output.mask is not None and output.mask.dim() == 4 and pattern_labels is not None:
-            losses["mask"] = self._mask_loss(output.mask, pattern_labels)
+        truth = pattern_labels if self.mask_truth == "pattern" else covered
+        if self.mask_weight > 0 and output.mask is not None and output.mask.dim() == 4 and truth is not None:
+            losses["mask"] = self._mask_loss(output.mask, truth)
             total = total + self.mask_weight * losses["mask"]
         if self.align_weight > 0 and output.landmark_shift is not None and landmark_shift is not None:
             losses["align"] = F.l1_loss(output.landmark_shift.float(), landmark_shift.float())
@@ -97,9 +107,13 @@ class FromLoss(nn.Module):
         losses["total"] = total
         return losses
 
-    def _mask_loss(self, mask: torch.Tensor, pattern_labels: torch.Tensor) -> torch.Tensor:
-        """BCE between the (channel-averaged) mask and "visible" = outside the pattern's rectangle."""
+    def _mask_loss(self, mask: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """BCE between the (channel-averaged) mask and "visible": outside the pattern's rectangle (``truth`` holds
+        pattern labels) or 1 - the occluder's coverage of each cell (``truth`` holds coverage maps)."""
         mask = mask.float().mean(dim=1)
-        covered = patterns(mask.shape[1], mask.shape[2], self.grid)[pattern_labels.cpu().numpy()]  # a copy
-        visible = 1.0 - torch.from_numpy(covered).to(mask.device, torch.float32)
+        if self.mask_truth == "pattern":
+            covered = torch.from_numpy(patterns(mask.shape[1], mask.shape[2], self.grid)[truth.cpu().numpy()])
+        else:
+            covered = F.adaptive_avg_pool2d(truth.float()[:, None], mask.shape[1:])[:, 0]
+        visible = 1.0 - covered.to(mask.device, torch.float32)
         return F.binary_cross_entropy(mask.clamp(1e-4, 1 - 1e-4), visible)

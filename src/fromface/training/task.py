@@ -62,7 +62,7 @@ class TrainingTask(nn.Module):
         if targets is None and self.teacher is not None and batch.clean is not None:
             targets = self.targets(batch.clean, batch.keys)
         return self.loss(model_output(self.model, batch), batch.labels, pattern_labels=batch.patterns,
-                         target_embedding=targets, landmark_shift=batch.shifts)
+                         target_embedding=targets, landmark_shift=batch.shifts, covered=batch.covered)
 
 
 def model_output(model: nn.Module, batch: TrainBatch) -> FaceOutput:
