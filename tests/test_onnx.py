@@ -201,10 +201,11 @@ def test_metadata_keeps_thresholds_only_when_given():
 
 # ---------------------------------------------------------------------------------------- the shipped default model
 # Tolerances, onnxruntime vs PyTorch (float32, CPU): embedding cosine >= 0.9999 and max abs difference <= 1e-4 (raw,
-# un-normalised embeddings reach ~4; measured ~1e-5), mask <= 1e-4 (measured ~2e-7), pattern logits <= 1e-3 (logits
-# reach ~5; measured ~1e-5).
+# un-normalised embeddings reach ~4; measured ~1e-5), mask <= 1e-3 (the trained mask is a steep sigmoid that goes
+# from 1 to 0 at an occluder's edge, so the backends' float differences show most there: measured ~4e-4 on a masked
+# face, against 1 for the full range), pattern logits <= 1e-3 (logits reach ~5; measured ~1e-5).
 # The align head's shift (fractions of the crop; masked faces move by up to ~0.05): <= 1e-5.
-EMB_COSINE, EMB_ABS, MASK_ABS, LOGIT_ABS, SHIFT_ABS = 0.9999, 1e-4, 1e-4, 1e-3, 1e-5
+EMB_COSINE, EMB_ABS, MASK_ABS, LOGIT_ABS, SHIFT_ABS = 0.9999, 1e-4, 1e-3, 1e-3, 1e-5
 DEFAULT_PEOPLE = ("Angelina_Jolie", "Ben_Affleck", "Arnold_Schwarzenegger")
 
 
