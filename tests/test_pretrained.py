@@ -46,6 +46,20 @@ def test_corrupt_file_fails_its_checksum(shipped_tag):
         create_model("from_iresnet18:unit-test")
 
 
+def test_two_default_tags_are_refused(shipped_tag):
+    _, path = shipped_tag
+    spec = get_spec("from_iresnet18")
+    spec.pretrained["unit-test"]["default"] = True
+    assert create_model("from_iresnet18", pretrained=True).pretrained_tag == "unit-test"
+    register_pretrained("from_iresnet18", "unit-test-2", file=str(path), sha256=file_sha256(path), kwargs=KWARGS,
+                        default=True)
+    try:
+        with pytest.raises(ConfigError, match="several pretrained tags marked default: unit-test, unit-test-2"):
+            create_model("from_iresnet18", pretrained=True)
+    finally:
+        spec.pretrained.pop("unit-test-2")
+
+
 def test_tag_architecture_cannot_be_contradicted(shipped_tag):
     with pytest.raises(ConfigError, match="trained with"):
         create_model("from_iresnet18:unit-test", grid=5)

@@ -105,8 +105,10 @@ def pick_tag(spec: ModelSpec, pretrained: str | bool | None) -> str | None:
     if not pretrained:
         return None
     if pretrained is True:
-        tag = next((t for t, info in spec.pretrained.items() if info.get("default")), None)
-        tag = tag or next(iter(spec.pretrained), None)
+        defaults = [t for t, info in spec.pretrained.items() if info.get("default")]
+        if len(defaults) > 1:  # which one FaceRecognizer() loads must not depend on the order files are read
+            raise ConfigError(f"model {spec.name!r} has several pretrained tags marked default: {', '.join(defaults)}")
+        tag = defaults[0] if defaults else next(iter(spec.pretrained), None)
         if tag is None:
             raise ConfigError(f"model {spec.name!r} has no pretrained weights")
         return tag
