@@ -155,6 +155,19 @@ def test_section_scores_each_image_and_counts_clean_ones() -> None:
     assert s["clean"] == {"n_images": 2, "called_occluded": 1, "false_occluded_rate": 0.5, "without_estimate": 0}
 
 
+def test_heat_map_visible_fraction_is_scored_beside_the_pattern_box() -> None:
+    """The heat map's own visible fraction (cells >= 0.5) against the truth: the lower 4 of 7 rows dimmed leave
+    3/7 visible, the truth (lower half covered) leaves 1/2."""
+    heat = np.ones((7, 7))
+    heat[3:] = 0.2
+    regions = {Path("/o/a.png"): TrueRegion("cup", "box", (0, 56, 112, 112))}
+    est = _est(5, 0.8, (56, 0, 112, 112), 0.5, heat=heat, landmarks=ARC.points.copy())
+    s = estimate_section([Path("/o/a.png")], [est], ["detected"], regions, set(), "box")
+    rows_dimmed = int(np.count_nonzero(np.arange(112) * 7 // 112 >= 3))  # crop rows on heat-map rows 3..6
+    assert s["occluded"]["visible_fraction_error_heatmap_mean"] == pytest.approx(abs((112 - rows_dimmed) / 112 - 0.5))
+    assert s["occluded"]["visible_fraction_error_mean"] == pytest.approx(0.0)  # the box itself is exactly right
+
+
 # ---------------------------------------------------------------- exact masks rebuilt from a manifest
 HEADER = "file,category,kind,source,licence\n"
 

@@ -648,6 +648,45 @@ def trainer_faces(trainer):
                       occluder=trainer.occluder, clean_prob=trainer.cfg.occlusion.clean_prob, grid=trainer.grid)
 
 
+def test_photometric_augmentation_changes_the_photo_not_the_labels_or_the_teacher(faces, tmp_path):
+    """data.grayscale_prob / colour_jitter: the training image changes after occlusion; its pattern label, the clean
+    twin (the consistency teacher's input) and the occlusion drawn before it stay as without them."""
+    from fromface.training.data import TrainFaces, photometric
+    from fromface.training.feature_cache import stored_outputs_key
+
+    occ = {"occlusion": {"enabled": True, "clean_prob": 0.5}}
+    plain = Trainer(tiny_config(faces, tmp_path / "a", **occ), progress=False)
+    grey = Trainer(tiny_config(faces, tmp_path / "b", data={"grayscale_prob": 1.0, "colour_jitter": 0.3}, **occ),
+                   progress=False)
+    assert (grey.dataset.grayscale_prob, grey.dataset.colour_jitter) == (1.0, 0.3)  # the trainer passes them on
+    kw = dict(preprocess=plain.preprocess, seed=0, occluder=plain.occluder, clean_prob=0.5, grid=plain.grid)
+    a = TrainFaces(plain.source, plain.split.train_rows, plain.split.train_labels, **kw)
+    b = TrainFaces(plain.source, plain.split.train_rows, plain.split.train_labels, grayscale_prob=1.0,
+                   colour_jitter=0.3, **kw)
+    patterns = set()
+    for i in range(len(a)):
+        image_a, pattern_a, clean_a, flip_a, _, covered_a = a.sample(i, 0)
+        image_b, pattern_b, clean_b, flip_b, _, covered_b = b.sample(i, 0)
+        assert (pattern_a, flip_a) == (pattern_b, flip_b) and np.array_equal(covered_a, covered_b)
+        assert np.array_equal(clean_a, clean_b)  # the teacher sees the untouched face
+        assert (image_b[..., 0] == image_b[..., 1]).all() and (image_b[..., 1] == image_b[..., 2]).all()
+        assert not (image_a[..., 0] == image_a[..., 1]).all()
+        patterns.add(pattern_a)
+    assert len(patterns) > 1  # both clean and occluded faces were drawn
+    # the photometric options are part of what stored trunk outputs depend on, and absent when unset
+    key_plain = stored_outputs_key(plain.cfg, plain.model, 10)
+    key_grey = stored_outputs_key(grey.cfg, grey.model, 10)
+    assert "photometric" not in key_plain and key_grey["photometric"] == {"grayscale_prob": 1.0, "colour_jitter": 0.3}
+
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    dim = [photometric(image, np.random.default_rng(s), grayscale_prob=0.0, jitter=0.5) for s in range(4)]
+    assert all(d.dtype == np.uint8 and d.shape == image.shape for d in dim)
+    assert all(not np.array_equal(d, image) for d in dim) and len({d.tobytes() for d in dim}) == 4
+    assert np.array_equal(photometric(image, np.random.default_rng(1), grayscale_prob=0.0, jitter=0.5), dim[1])
+    with pytest.raises(ConfigError, match="data.grayscale_prob"):
+        tiny_config(faces, tmp_path / "c", data={"grayscale_prob": 1.5})
+
+
 def test_from_without_mask_is_the_split_trunk():
     from fromface.models import create_model
 

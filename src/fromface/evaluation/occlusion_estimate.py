@@ -8,7 +8,8 @@ face's final landmarks onto the model's template, then the resize to the network
 masks on the same grid and the scores are plain set arithmetic:
 
 * IoU of the predicted region with the true one (both empty: 1; the predicted pattern 0 is the empty region);
-* visible-fraction error: ``|predicted visible fraction - (1 - share of the crop the occluder covers)|``;
+* visible-fraction error: ``|predicted visible fraction - (1 - share of the crop the occluder covers)|``, for the
+  visible fraction users are shown (from the pattern box) and for the one the thresholded heat map leaves;
 * the false "occluded" rate on the clean images of the set, by the product's own rule (``FaceEmbedding.occluded``).
 
 Two references are scored beside the pattern box: the heat map thresholded (cells below :data:`HEAT_OCCLUDED_BELOW`)
@@ -130,13 +131,17 @@ def score_face(estimate: OcclusionEstimate, region: TrueRegion) -> dict:
            "iou": iou(box_mask(estimate.pattern_box, size), truth) if estimate.pattern is not None else None,
            "iou_heatmap": iou(heat_mask(estimate.heatmap, size), truth) if estimate.heatmap is not None else None,
            "iou_lower_half": iou(lower_half(size), truth), "called_occluded": called_occluded(estimate),
-           "visible_fraction_error": None}
+           "visible_fraction_error": None, "visible_fraction_error_heatmap": None}
+    if estimate.heatmap is not None:
+        out["visible_fraction_error_heatmap"] = visible_fraction_error(1.0 - heat_mask(estimate.heatmap, size).mean(),
+                                                                       truth)
     if estimate.visible_fraction is not None:
         out["visible_fraction_error"] = visible_fraction_error(estimate.visible_fraction, truth)
     return out
 
 
-_MEANS = ("iou", "iou_heatmap", "iou_lower_half", "visible_fraction_error", "true_covered_fraction")
+_MEANS = ("iou", "iou_heatmap", "iou_lower_half", "visible_fraction_error", "visible_fraction_error_heatmap",
+          "true_covered_fraction")
 
 
 def _mean(values: list) -> float | None:

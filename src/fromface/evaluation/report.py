@@ -172,6 +172,8 @@ def _estimate_rows(sections: list[dict]) -> list[tuple[str, list[str]]]:
         ("IoU, heat map < 0.5 vs true region", cells(lambda s: _num(s[occ]["iou_heatmap_mean"]))),
         ("IoU, fixed lower-half guess (reference)", cells(lambda s: _num(s[occ]["iou_lower_half_mean"]))),
         ("visible-fraction mean abs. error", cells(lambda s: _num(s[occ]["visible_fraction_error_mean"]))),
+        ("visible-fraction mean abs. error, heat map < 0.5",
+         cells(lambda s: _num(s[occ].get("visible_fraction_error_heatmap_mean")))),
         ("true covered fraction of the crop (mean)", cells(lambda s: _num(s[occ]["true_covered_fraction_mean"]))),
         ("occluded images called occluded %", cells(lambda s: _pct(s[occ]["called_occluded_rate"]))),
         ("clean images called occluded % (false occluded)",

@@ -42,6 +42,11 @@ class DataConfig:
     accumulate: int = 1  # split each process's batch into this many chunks (less memory; BN sees the chunks)
     num_workers: int = 0
     flip: bool = True
+    # photometric augmentation of every training image (after occlusion, so the occluder changes with the photo):
+    # a grey-scale copy with this probability, and brightness, contrast and saturation each scaled by a factor
+    # drawn from [1 - colour_jitter, 1 + colour_jitter]; the consistency teacher still sees the untouched face
+    grayscale_prob: float = 0.0
+    colour_jitter: float = 0.0
     # > 0: draw this many augmented versions of each training image once, store the frozen trunk's maps below
     # FROM's mask for them and train only the layers above (training/feature_cache.py; single process)
     feature_cache_variants: int = 0
@@ -274,6 +279,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         ("schedule.epochs", config.schedule.epochs >= 1, "must be >= 1"),
         ("occlusion.clean_prob", 0.0 <= config.occlusion.clean_prob <= 1.0, "must be in [0, 1]"),
         ("data.val_identities", config.data.val_identities >= 0, "must be >= 0"),
+        ("data.grayscale_prob", 0.0 <= config.data.grayscale_prob <= 1.0, "must be in [0, 1]"),
+        ("data.colour_jitter", 0.0 <= config.data.colour_jitter < 1.0, "must be in [0, 1)"),
         ("checkpoint.keep_last", config.checkpoint.keep_last >= 1, "must be >= 1"),
         ("log.every_steps", config.log.every_steps >= 1, "must be >= 1"),
     ]

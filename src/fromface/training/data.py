@@ -244,6 +244,35 @@ class TrainBatch:
         return [TrainBatch(**part) for part in parts]
 
 
+def photometric(image: np.ndarray, rng: np.random.Generator, *, grayscale_prob: float,
+                jitter: float) -> np.ndarray:
+    """An RGB uint8 image as another camera might have taken it: brightness, contrast and saturation each
+    scaled by a factor from ``[1 - jitter, 1 + jitter]`` (in random order), then grey with ``grayscale_prob``.
+
+    Occlusion patterns do not change: a grey or dim photo is still a clean face, which is what keeps a
+    grey-scale photo from being called occluded (docs/api.md).
+    """
+    out = image.astype(np.float32)
+    if jitter > 0:
+        for op in rng.permutation(3):
+            factor = float(rng.uniform(1.0 - jitter, 1.0 + jitter))
+            if op == 0:  # brightness
+                out = out * factor
+            elif op == 1:  # contrast, around the mean grey level
+                grey = float((out @ LUMA).mean())
+                out = grey + (out - grey) * factor
+            else:  # saturation, around each pixel's grey level
+                grey = (out @ LUMA)[..., None]
+                out = grey + (out - grey) * factor
+    if grayscale_prob > 0 and rng.random() < grayscale_prob:
+        out = np.repeat((out @ LUMA)[..., None], 3, axis=-1)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+#: ITU-R BT.601 weights of R, G and B in perceived brightness
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
 class TrainFaces(torch.utils.data.Dataset):
     """Augmented training images as :class:`TrainBatch` items; index with ``(row, epoch)`` from :class:`EpochBatches`.
 
@@ -253,8 +282,9 @@ class TrainFaces(torch.utils.data.Dataset):
 
     def __init__(self, source, rows: np.ndarray, labels: np.ndarray, *, preprocess, seed: int, flip: bool = True,
                  occluder=None, clean_prob: float = 1.0, grid: int | None = None, with_clean: bool = False,
-                 with_covered: bool = False):
+                 with_covered: bool = False, grayscale_prob: float = 0.0, colour_jitter: float = 0.0):
         self.source, self.rows, self.labels = source, rows, labels
+        self.grayscale_prob, self.colour_jitter = grayscale_prob, colour_jitter
         self.with_clean, self.with_covered = with_clean, with_covered
         self.preprocess, self.seed, self.flip = preprocess, seed, flip
         self.occluder, self.clean_prob = occluder, clean_prob
@@ -281,6 +311,8 @@ class TrainFaces(torch.utils.data.Dataset):
                                                    flipped=flipped)
             if self.vocab is not None:
                 pattern = box_label(self.vocab, covered)
+        if self.grayscale_prob > 0 or self.colour_jitter > 0:
+            image = photometric(image, rng, grayscale_prob=self.grayscale_prob, jitter=self.colour_jitter)
         return image, pattern, clean, flipped, shift, covered
 
     def item(self, i: int, epoch: int, *, with_clean: bool = False, with_shift: bool = False,

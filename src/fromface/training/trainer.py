@@ -103,7 +103,8 @@ class Trainer:
         faces = TrainFaces(self.source, self.split.train_rows, self.split.train_labels, preprocess=p, seed=cfg.seed,
                            flip=cfg.data.flip, occluder=self.occluder, clean_prob=cfg.occlusion.clean_prob,
                            grid=self.grid, with_clean=cfg.loss.consistency_weight > 0,
-                           with_covered=cfg.loss.mask_weight > 0 and cfg.loss.mask_truth == "occluder")
+                           with_covered=cfg.loss.mask_weight > 0 and cfg.loss.mask_truth == "occluder",
+                           grayscale_prob=cfg.data.grayscale_prob, colour_jitter=cfg.data.colour_jitter)
         check_batching(len(faces), cfg.data.batch_size, self.rt.world_size, cfg.data.accumulate)
         self.steps_per_epoch = len(faces) // cfg.data.batch_size
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
