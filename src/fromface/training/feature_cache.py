@@ -64,11 +64,12 @@ def stored_outputs_key(cfg: TrainConfig, model: nn.Module, images: int) -> dict:
     trunk = f"{state_digest(model.backbone)}:{state_digest(model.head)}"
     # photometric options join the key only when set, so stores written before they existed stay valid
     photometric = {k: getattr(cfg.data, k) for k in ("grayscale_prob", "colour_jitter") if getattr(cfg.data, k)}
-    return {**({"photometric": photometric} if photometric else {}),"version": 1, "model": cfg.model.name, "init": cfg.model.init, "trunk": trunk, "maps": maps_needed(model),
-            "kwargs": {k: v for k, v in cfg.model.kwargs.items() if k not in ABOVE_MASK_OPTIONS},
-            "mask_stage": model.mask_stage, "train": str(Path(cfg.data.train).resolve()), "images": images,
-            "val_identities": cfg.data.val_identities, "seed": cfg.seed, "flip": cfg.data.flip,
-            "occlusion": occlusion, "variants": cfg.data.feature_cache_variants}
+    key = {"version": 1, "model": cfg.model.name, "init": cfg.model.init, "trunk": trunk, "maps": maps_needed(model),
+           "kwargs": {k: v for k, v in cfg.model.kwargs.items() if k not in ABOVE_MASK_OPTIONS},
+           "mask_stage": model.mask_stage, "train": str(Path(cfg.data.train).resolve()), "images": images,
+           "val_identities": cfg.data.val_identities, "seed": cfg.seed, "flip": cfg.data.flip,
+           "occlusion": occlusion, "variants": cfg.data.feature_cache_variants}
+    return {**key, "photometric": photometric} if photometric else key
 
 
 def fingerprint(parts: dict) -> str:
