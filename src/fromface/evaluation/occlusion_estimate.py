@@ -127,14 +127,14 @@ def score_face(estimate: OcclusionEstimate, region: TrueRegion) -> dict:
     """One occluded face: the true region in its crop and every score of the estimate against it."""
     size = (int(estimate.size[0]), int(estimate.size[1]))
     truth = region_in_crop(region, crop_matrix(estimate.landmarks, estimate.template, size), size)
+    heat = heat_mask(estimate.heatmap, size) if estimate.heatmap is not None else None
     out = {"category": region.category, "kind": region.kind, "true_covered_fraction": float(truth.mean()),
            "iou": iou(box_mask(estimate.pattern_box, size), truth) if estimate.pattern is not None else None,
-           "iou_heatmap": iou(heat_mask(estimate.heatmap, size), truth) if estimate.heatmap is not None else None,
+           "iou_heatmap": iou(heat, truth) if heat is not None else None,
            "iou_lower_half": iou(lower_half(size), truth), "called_occluded": called_occluded(estimate),
-           "visible_fraction_error": None, "visible_fraction_error_heatmap": None}
-    if estimate.heatmap is not None:
-        out["visible_fraction_error_heatmap"] = visible_fraction_error(1.0 - heat_mask(estimate.heatmap, size).mean(),
-                                                                       truth)
+           "visible_fraction_error": None,
+           "visible_fraction_error_heatmap": visible_fraction_error(1.0 - heat.mean(), truth) if heat is not None
+           else None}
     if estimate.visible_fraction is not None:
         out["visible_fraction_error"] = visible_fraction_error(estimate.visible_fraction, truth)
     return out

@@ -244,6 +244,10 @@ class TrainBatch:
         return [TrainBatch(**part) for part in parts]
 
 
+#: ITU-R BT.601 weights of R, G and B in perceived brightness
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
 def photometric(image: np.ndarray, rng: np.random.Generator, *, grayscale_prob: float,
                 jitter: float) -> np.ndarray:
     """An RGB uint8 image as another camera might have taken it: brightness, contrast and saturation each
@@ -267,10 +271,6 @@ def photometric(image: np.ndarray, rng: np.random.Generator, *, grayscale_prob: 
     if grayscale_prob > 0 and rng.random() < grayscale_prob:
         out = np.repeat((out @ LUMA)[..., None], 3, axis=-1)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-
-#: ITU-R BT.601 weights of R, G and B in perceived brightness
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 class TrainFaces(torch.utils.data.Dataset):
