@@ -27,7 +27,6 @@ from fromface.evaluation.occlusion_estimate import (
     called_occluded,
     crop_matrix,
     estimate_section,
-    heat_mask,
     iou,
     region_in_crop,
     visible_fraction_error,
@@ -35,6 +34,7 @@ from fromface.evaluation.occlusion_estimate import (
 from fromface.evaluation.occlusion_truth import set_truth
 from fromface.evaluation.runner import EmbeddingCache, embed_images
 from fromface.faces.alignment import get_template, warp_face
+from fromface.occlusion.heatmap import heat_mask
 
 ARC = get_template("arcface112")
 
@@ -157,7 +157,8 @@ def test_section_scores_each_image_and_counts_clean_ones() -> None:
 
 def test_heat_map_visible_fraction_is_scored_beside_the_pattern_box() -> None:
     """The heat map's own visible fraction (cells >= 0.5) against the truth: the lower 4 of 7 rows dimmed leave
-    3/7 visible, the truth (lower half covered) leaves 1/2."""
+    3/7 visible, the truth (lower half covered) leaves 1/2. Users are shown the heat map's figure (it marks
+    something), so the reported error is the heat map's; the pattern box alone is scored beside it."""
     heat = np.ones((7, 7))
     heat[3:] = 0.2
     regions = {Path("/o/a.png"): TrueRegion("cup", "box", (0, 56, 112, 112))}
@@ -165,7 +166,23 @@ def test_heat_map_visible_fraction_is_scored_beside_the_pattern_box() -> None:
     s = estimate_section([Path("/o/a.png")], [est], ["detected"], regions, set(), "box")
     rows_dimmed = int(np.count_nonzero(np.arange(112) * 7 // 112 >= 3))  # crop rows on heat-map rows 3..6
     assert s["occluded"]["visible_fraction_error_heatmap_mean"] == pytest.approx(abs((112 - rows_dimmed) / 112 - 0.5))
-    assert s["occluded"]["visible_fraction_error_mean"] == pytest.approx(0.0)  # the box itself is exactly right
+    heat_error = abs((112 - rows_dimmed) / 112 - 0.5)
+    assert s["occluded"]["visible_fraction_error_mean"] == pytest.approx(heat_error)  # what users are shown
+    assert s["occluded"]["visible_fraction_error_pattern_mean"] == pytest.approx(0.0)  # the box is exactly right
+    est.heatmap = np.ones((7, 7))  # a mask that dims nothing: users are shown the pattern box's figure
+    s = estimate_section([Path("/o/a.png")], [est], ["detected"], regions, set(), "box")
+    assert s["occluded"]["visible_fraction_error_mean"] == pytest.approx(0.0)
+
+
+def test_a_clean_face_whose_heat_map_dims_a_tenth_of_the_crop_is_called_occluded() -> None:
+    """The false-occluded rate uses the visible fraction users are shown, so a heat map that dims enough cells
+    counts even when the pattern head says "clean"."""
+    heat = np.ones((7, 7))
+    heat[6] = 0.2  # the bottom row: 1/7 of the crop
+    clean = {Path("/c/a.png"), Path("/c/b.png")}
+    dimmed, plain = _est(0, 0.9, (0, 0, 0, 0), 1.0, heat=heat), _est(0, 0.9, (0, 0, 0, 0), 1.0, heat=np.ones((7, 7)))
+    s = estimate_section(sorted(clean), [dimmed, plain], ["detected"] * 2, {}, clean, "box")
+    assert s["clean"]["called_occluded"] == 1
 
 
 # ---------------------------------------------------------------- exact masks rebuilt from a manifest

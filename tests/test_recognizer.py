@@ -60,10 +60,30 @@ def test_embed_returns_occlusion_estimate(recognizer):
     assert 0 <= f.pattern < 226 and 0.0 < f.pattern_probability <= 1.0
     top, left, bottom, right = f.pattern_box
     assert 0 <= top <= bottom <= 112 and 0 <= left <= right <= 112
-    assert f.visible_fraction == pytest.approx(1.0 - (bottom - top) * (right - left) / 112**2)
+    pattern_visible = 1.0 - (bottom - top) * (right - left) / 112**2
+    from fromface.occlusion.heatmap import shown_visible_fraction
+    assert f.visible_fraction == pytest.approx(shown_visible_fraction(f.heatmap, pattern_visible, (112, 112)))
     assert f.crop.shape == (112, 112, 3) and f.box.shape == (4,) and f.landmarks.shape == (5, 2)
     d = f.to_dict()
     assert d["method"] == "fallback" and len(d["embedding"]) == 512 and len(d["heatmap"]) == 7
+
+
+def test_visible_fraction_is_read_from_the_heat_map_where_the_mask_suppresses_features(recognizer, monkeypatch):
+    """A mask that dims the lower 3 of 7 rows gives the crop rows under them as covered, even when the pattern head
+    says "clean" (its box leaves everything visible); a mask that dims nothing keeps the pattern box's figure."""
+    logits = np.full((1, 226), -10.0, np.float32)
+    logits[0, 0] = 10.0  # pattern 0 (clean), confidently
+    mask = np.ones((1, 1, 7, 7), np.float32)
+    mask[0, 0, 4:] = 0.1
+    monkeypatch.setattr(recognizer, "forward", lambda x: (np.ones((len(x), 512), np.float32), mask, logits))
+    f = recognizer.embed(photo(3))[0]
+    covered_rows = int(np.count_nonzero(np.arange(112) * 7 // 112 >= 4))
+    assert f.pattern == 0 and f.pattern_box == (0, 0, 0, 0)
+    assert f.visible_fraction == pytest.approx(1.0 - covered_rows / 112)
+    assert f.occluded is True  # 43% of the face dimmed: the occluded threshold applies
+    mask[:] = 0.8
+    f = recognizer.embed(photo(3))[0]
+    assert f.visible_fraction == 1.0 and f.occluded is False
 
 
 def test_image_kinds_give_the_same_embedding(recognizer, tmp_path):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fromface.occlusion.heatmap import shown_visible_fraction
+
 
 @dataclass
 class OcclusionEstimate:
@@ -23,7 +25,9 @@ class OcclusionEstimate:
     ``template`` and ``size`` (height, width of the network input) the rest of that warp: together they map any
     region of the photo into the crop. The other fields are those of
     :class:`~fromface.inference.recognizer.FaceEmbedding` (``pattern_box`` is (top, left, bottom, right) in input
-    pixels, bottom/right exclusive; ``heatmap`` the mask averaged over channels, None when the model has no mask).
+    pixels, bottom/right exclusive; ``heatmap`` the mask averaged over channels, None when the model has no mask),
+    except ``visible_fraction``, which is the pattern box's alone: the figure users are shown is
+    :attr:`shown_visible_fraction`, derived from it and the heat map, so a cached row never holds a stale one.
     """
 
     landmarks: np.ndarray
@@ -35,6 +39,11 @@ class OcclusionEstimate:
     pattern_box: tuple[int, int, int, int] | None = None
     visible_fraction: float | None = None
     heatmap: np.ndarray | None = None
+
+    @property
+    def shown_visible_fraction(self) -> float | None:
+        """The visible fraction :class:`~fromface.inference.recognizer.FaceEmbedding` reports for this face."""
+        return shown_visible_fraction(self.heatmap, self.visible_fraction, (int(self.size[0]), int(self.size[1])))
 
     def to_row(self) -> tuple[str, bytes | None]:
         """(JSON of everything but the heat map, the heat map as float16 bytes): one cache row, a few KB."""

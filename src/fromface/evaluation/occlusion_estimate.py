@@ -9,11 +9,13 @@ masks on the same grid and the scores are plain set arithmetic:
 
 * IoU of the predicted region with the true one (both empty: 1; the predicted pattern 0 is the empty region);
 * visible-fraction error: ``|predicted visible fraction - (1 - share of the crop the occluder covers)|``, for the
-  visible fraction users are shown (from the pattern box) and for the one the thresholded heat map leaves;
+  visible fraction users are shown (:func:`~fromface.occlusion.heatmap.shown_visible_fraction`: the heat map's where
+  it marks anything, else the pattern box's) and for each of its two sources alone;
 * the false "occluded" rate on the clean images of the set, by the product's own rule (``FaceEmbedding.occluded``).
 
-Two references are scored beside the pattern box: the heat map thresholded (cells below :data:`HEAT_OCCLUDED_BELOW`)
-and a fixed guess, the lower half of the crop (what a model that always says "mask" would score).
+Two references are scored beside the pattern box: the heat map thresholded (cells below
+:data:`~fromface.occlusion.heatmap.HEAT_OCCLUDED_BELOW`) and a fixed guess, the lower half of the crop (what a model
+that always says "mask" would score).
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ import numpy as np
 from fromface.evaluation.embedding import OcclusionEstimate
 from fromface.faces.alignment import get_template, similarity_transform
 from fromface.inference.recognizer import FaceEmbedding
+from fromface.occlusion.heatmap import heat_mask
 
-#: A heat-map cell counts as occluded below this (the mask runs from 1, kept, to 0, suppressed).
-HEAT_OCCLUDED_BELOW = 0.5
 #: Manifest ``kind`` -> what it means for the outline: a pasted photo is a rectangle, an RGBA cut-out a shape.
 KIND_LABELS = {"box": "rectangular", "rgba": "shaped"}
 
@@ -89,15 +90,6 @@ def box_mask(box: tuple[int, int, int, int] | None, size: tuple[int, int]) -> np
     return out
 
 
-def heat_mask(heatmap: np.ndarray, size: tuple[int, int], below: float = HEAT_OCCLUDED_BELOW) -> np.ndarray:
-    """(height, width) bool: crop pixels whose heat-map cell is below ``below`` (the map spans the whole crop)."""
-    heat = np.asarray(heatmap, dtype=np.float64)
-    gh, gw = heat.shape
-    rows = np.arange(size[0]) * gh // size[0]
-    cols = np.arange(size[1]) * gw // size[1]
-    return heat[rows[:, None], cols[None, :]] < below
-
-
 def lower_half(size: tuple[int, int]) -> np.ndarray:
     """The fixed reference guess: the lower half of the crop covered."""
     return box_mask((size[0] // 2, 0, size[0], size[1]), size)
@@ -119,7 +111,8 @@ def called_occluded(estimate: OcclusionEstimate) -> bool:
     occluded threshold, applied to the estimate (so a change of the rule changes this number too)."""
     face = FaceEmbedding(np.zeros(1, np.float32), np.zeros(4), np.zeros((5, 2)), "", 0.0, np.zeros((1, 1, 3)),
                          heatmap=estimate.heatmap, pattern=estimate.pattern,
-                         pattern_probability=estimate.pattern_probability, visible_fraction=estimate.visible_fraction)
+                         pattern_probability=estimate.pattern_probability,
+                         visible_fraction=estimate.shown_visible_fraction)
     return bool(face.occluded)
 
 
@@ -132,15 +125,18 @@ def score_face(estimate: OcclusionEstimate, region: TrueRegion) -> dict:
            "iou": iou(box_mask(estimate.pattern_box, size), truth) if estimate.pattern is not None else None,
            "iou_heatmap": iou(heat, truth) if heat is not None else None,
            "iou_lower_half": iou(lower_half(size), truth), "called_occluded": called_occluded(estimate),
-           "visible_fraction_error": None,
+           "visible_fraction_error": None, "visible_fraction_error_pattern": None,
            "visible_fraction_error_heatmap": visible_fraction_error(1.0 - heat.mean(), truth) if heat is not None
            else None}
+    if estimate.shown_visible_fraction is not None:
+        out["visible_fraction_error"] = visible_fraction_error(estimate.shown_visible_fraction, truth)
     if estimate.visible_fraction is not None:
-        out["visible_fraction_error"] = visible_fraction_error(estimate.visible_fraction, truth)
+        out["visible_fraction_error_pattern"] = visible_fraction_error(estimate.visible_fraction, truth)
     return out
 
 
-_MEANS = ("iou", "iou_heatmap", "iou_lower_half", "visible_fraction_error", "visible_fraction_error_heatmap",
+_MEANS = ("iou", "iou_heatmap", "iou_lower_half", "visible_fraction_error", "visible_fraction_error_pattern",
+          "visible_fraction_error_heatmap",
           "true_covered_fraction")
 
 

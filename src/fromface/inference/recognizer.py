@@ -20,6 +20,7 @@ from fromface.faces.aligner import FaceAligner
 from fromface.faces.alignment import get_template
 from fromface.inference.decision import accepts
 from fromface.inference.occlusion_report import occlusion_report
+from fromface.occlusion.heatmap import shown_visible_fraction
 from fromface.occlusion.patterns import PatternVocabulary, num_patterns, predicted_pattern
 
 #: Cosine threshold used when the model has no calibrated thresholds (``reason="uncalibrated"``). 0.35 is a
@@ -48,7 +49,9 @@ class FaceEmbedding:
     ``heatmap`` is FROM's soft mask averaged over channels on the last feature map's grid (e.g. 7x7): near 1 where
     the model kept the features, near 0 where it suppressed them as occluded. ``pattern`` is the predicted occlusion
     pattern (0 = clean) of the K x K grid vocabulary, ``pattern_box`` its (top, left, bottom, right) in crop pixels,
-    and ``visible_fraction`` = 1 - (area of the predicted pattern / crop area). All four are None for plain models.
+    and ``visible_fraction`` the share of the crop the model sees uncovered: 1 - the share its heat map marks below
+    0.5 where the map marks anything, else 1 - (area of the predicted pattern / crop area)
+    (:func:`~fromface.occlusion.heatmap.shown_visible_fraction`). All four are None for plain models.
     """
 
     embedding: np.ndarray
@@ -240,6 +243,7 @@ class FaceRecognizer:
                 fe.heatmap = mask[k].mean(axis=0).astype(np.float32)
             if logits is not None:
                 self._add_pattern(fe, logits[k], h, w)
+            fe.visible_fraction = shown_visible_fraction(fe.heatmap, fe.visible_fraction, (h, w))
             fe.occlusion_report = occlusion_report(fe.heatmap, fe.pattern_box, fe.pattern, fe.occluded, (h, w),
                                                    self._crop_points)
             out.append(fe)
