@@ -194,7 +194,7 @@ def photos(name: str) -> list[Path]:
 def default_recognizer():
     from fromface.inference.recognizer import FaceRecognizer
 
-    return FaceRecognizer()  # the shipped default model, from_sface_net:celeba1140
+    return FaceRecognizer()  # the shipped default model, from_sface_net:celeba1140-photometric
 
 
 @pytest.mark.data("lfw/images")
@@ -205,7 +205,7 @@ def test_identify_a_photo_that_is_not_enrolled(default_recognizer, tmp_path):
     from fromface.models import get_spec
 
     rec = default_recognizer
-    clean_threshold = get_spec("from_sface_net").pretrained["celeba1140"]["thresholds"]["clean"]["far1e-3"]
+    clean_threshold = get_spec("from_sface_net").pretrained["celeba1140-photometric"]["thresholds"]["clean"]["far1e-3"]
     enrol = {name: photos(name)[:2] for name in LFW_ENROLLED}
     probes = {name: photos(name)[2] for name in LFW_ENROLLED} | {LFW_STRANGER: photos(LFW_STRANGER)[0]}
     paths = [p for ps in enrol.values() for p in ps] + list(probes.values())

