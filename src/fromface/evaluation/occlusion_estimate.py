@@ -128,8 +128,9 @@ def score_face(estimate: OcclusionEstimate, region: TrueRegion) -> dict:
            "visible_fraction_error": None, "visible_fraction_error_pattern": None,
            "visible_fraction_error_heatmap": visible_fraction_error(1.0 - heat.mean(), truth) if heat is not None
            else None}
-    if estimate.shown_visible_fraction is not None:
-        out["visible_fraction_error"] = visible_fraction_error(estimate.shown_visible_fraction, truth)
+    shown = estimate.shown_visible_fraction
+    if shown is not None:
+        out["visible_fraction_error"] = visible_fraction_error(shown, truth)
     if estimate.visible_fraction is not None:
         out["visible_fraction_error_pattern"] = visible_fraction_error(estimate.visible_fraction, truth)
     return out
