@@ -13,6 +13,7 @@ from fromface.errors import ConfigError, DataError, ImageError
 from fromface.occlusion.occluders import OccluderLibrary, read_anchor_config
 from fromface.occlusion.patterns import PatternVocabulary
 from fromface.occlusion.synth import PRESETS, Synthesizer, box_label, rng_for
+from fromface.occlusion.variation import vary_occluder
 from test_patterns import frame_label, nearest_resize
 
 SHARED = SHARED_DATA
@@ -129,9 +130,10 @@ def test_same_seed_same_bytes(occ_folder: Path, face: np.ndarray, preset: str) -
     assert any(x.image.tobytes() != z.image.tobytes() for x, z in zip(a, c))
 
 
-@pytest.mark.parametrize("preset", ["paper", "paper2", "face", "face-train"])
-def test_mask_pixels_label_and_coverage_agree(occ_folder: Path, face: np.ndarray, preset: str) -> None:
-    synth = Synthesizer(OccluderLibrary.from_folder(occ_folder), preset=preset, grid=4)
+@pytest.mark.parametrize("preset, vary", [("paper", 0.0), ("paper2", 0.0), ("face", 0.0), ("face-train", 0.0),
+                                          ("paper2", 1.0), ("face", 1.0)])
+def test_mask_pixels_label_and_coverage_agree(occ_folder: Path, face: np.ndarray, preset: str, vary: float) -> None:
+    synth = Synthesizer(OccluderLibrary.from_folder(occ_folder), preset=preset, grid=4, vary=vary)
     vocab = PatternVocabulary(112, 96, 4)
     kinds = set()
     for i in range(30):
@@ -145,6 +147,7 @@ def test_mask_pixels_label_and_coverage_agree(occ_folder: Path, face: np.ndarray
         assert res.covered_fraction == pytest.approx(res.mask.mean())
         assert res.pattern_label == int(vocab.label(res.mask))
         kinds.add(res.record["kind"])
+        assert res.record.get("varied", False) == (vary == 1.0 and not res.record["clean"])
     assert kinds >= {"box", "rgba"} or preset in ("paper", "face-train")
 
 
@@ -224,6 +227,44 @@ def test_bad_presets_are_config_errors(occ_folder: Path) -> None:
         Synthesizer(lib, preset="nope")
     with pytest.raises(ConfigError, match="coverage"):
         Synthesizer(lib, preset="face", coverage=(0.5, 0.2))
+    with pytest.raises(ConfigError, match="vary must be in"):
+        Synthesizer(lib, preset="face", vary=1.5)
+
+
+def test_varied_occluders_change_colour_and_outline_but_anchored_masks_keep_their_fit(occ_folder: Path) -> None:
+    lib = OccluderLibrary.from_folder(occ_folder)
+    mask = lib.in_category("mouth_mask")[0]
+    cup = lib.in_category("cup")[0]
+    outlines, cut = set(), 0
+    for seed in range(40):
+        worn = vary_occluder(mask, rng_for(seed))
+        # the anchors place a mask as worn: its outline and anchor points stay, only its colour changes
+        assert np.array_equal(worn.alpha, mask.alpha) and np.array_equal(worn.anchors, mask.anchors)
+        assert worn.rgb.shape == mask.rgb.shape and not np.array_equal(worn.rgb, mask.rgb)
+        varied = vary_occluder(cup, rng_for(seed))
+        assert varied.rgb.shape[:2] == varied.alpha.shape
+        assert varied.coverage == pytest.approx((varied.alpha > 0).mean())
+        visible = varied.alpha > 0  # cropped to what is left, as the library keeps its occluders
+        assert visible[0].any() and visible[-1].any() and visible[:, 0].any() and visible[:, -1].any()
+        assert visible.sum() >= 0.3 * cup.alpha.size / 1.5 - cup.size[0]  # a cut keeps 30% of the stretched box
+        cut += not visible.all()
+        outlines.add(varied.size)
+    assert (cup.rgb == lib.in_category("cup")[0].rgb).all()  # the library's own occluder is untouched
+    assert len(outlines) > 10 and 10 <= cut <= 35  # stretched to many aspects; cut about two times in three
+
+
+def test_variation_draws_nothing_when_off_so_seeds_keep_their_bytes(occ_folder: Path, face: np.ndarray) -> None:
+    lib = OccluderLibrary.from_folder(occ_folder)
+    plain, off, on = (Synthesizer(lib, preset="face", vary=v) for v in (0.0, 0.0, 1.0))
+    for i in range(10):
+        a, b = plain.occlude(face, rng_for(6, i), landmarks=LANDMARKS), off.occlude(face, rng_for(6, i),
+                                                                                    landmarks=LANDMARKS)
+        assert a.image.tobytes() == b.image.tobytes() and "varied" not in a.record
+    varied = [on.occlude(face, rng_for(6, i), landmarks=LANDMARKS) for i in range(10)]
+    again = [on.occlude(face, rng_for(6, i), landmarks=LANDMARKS) for i in range(10)]
+    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(varied, again))
+    assert any(x.image.tobytes() != plain.occlude(face, rng_for(6, i), landmarks=LANDMARKS).image.tobytes()
+               for i, x in enumerate(varied))
 
 
 @pytest.mark.data("occluders/occluders.csv")

@@ -887,3 +887,34 @@ def test_align_head_starts_at_zero_and_matches_the_refine_path():
     assert got.shape == (3, 5, 2) and np.allclose(got, want, atol=1e-6)
     assert np.allclose(refine(crops[1:2])[0], want[1], atol=1e-6)  # a face's shift does not depend on its batch
     assert model_refiner(create_model(f"from_{TINY112}", grid=3), model.preprocess) is None
+
+
+def test_occluder_variation_is_for_training_only_and_part_of_the_stored_key(faces, tmp_path):
+    """occlusion.vary: the training occluder varies its occluders, validation and calibration see them as they are,
+    and stored trunk outputs drawn with variation are never taken for ones drawn without."""
+    import cv2
+
+    from fromface.training.feature_cache import stored_outputs_key
+    from fromface.training.task import build_occluder
+
+    occ = tmp_path / "occ"
+    occ.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        cv2.imwrite(str(occ / f"{name}.png"), rng.integers(0, 256, (12, 20, 3), dtype=np.uint8))
+    rows = "file,category,kind,source,licence\na.png,cup,box,t,CC0\nb.png,phone,box,t,CC0\n"
+    (occ / "occluders.csv").write_text(rows)
+    sections = {"occlusion": {"occluders": str(occ), "preset": "paper", "clean_prob": 0.0}}
+    plain = Trainer(tiny_config(faces, tmp_path / "a", **sections), progress=False)
+    varied = Trainer(tiny_config(faces, tmp_path / "b", occlusion={**sections["occlusion"], "vary": 1.0}),
+                     progress=False)
+    assert varied.occluder.synth.preset.vary == 1.0 and varied.val_occluder.synth.preset.vary == 0.0
+    assert build_occluder(varied.cfg, varied.preprocess, varied=False).synth.preset.vary == 0.0
+    assert plain.val_occluder is plain.occluder and plain.occluder.synth.preset.vary == 0.0
+    assert "vary" not in stored_outputs_key(plain.cfg, plain.model, 10)["occlusion"]
+    assert stored_outputs_key(varied.cfg, varied.model, 10)["occlusion"]["vary"] == 1.0
+    different = sum(not np.array_equal(plain.dataset.sample(i, 0)[0], varied.dataset.sample(i, 0)[0])
+                    for i in range(len(plain.dataset)))
+    assert different > len(plain.dataset) // 2
+    with pytest.raises(ConfigError, match="occlusion.vary"):
+        tiny_config(faces, tmp_path / "c", occlusion={"vary": -0.1})

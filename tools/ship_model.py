@@ -61,7 +61,7 @@ def calibrate(model: torch.nn.Module, cfg) -> dict:
     rows, labels = split.val_rows, split.val_labels
     device = torch.device("cpu")
     clean = embed(model, PlainFaces(source, rows, p), 64, device)
-    occluder = build_occluder(cfg, p, getattr(source, "context", 1.0))
+    occluder = build_occluder(cfg, p, getattr(source, "context", 1.0), varied=False)
     with refining(occluder, model, p):  # occluded faces re-aligned by the model's align head, when it has one
         occluded = embed(model, PlainFaces(source, rows, p, occluder, seed=cfg.seed + 7), 64, device)
     n = len(labels)

@@ -34,7 +34,7 @@ def main() -> None:
         source = open_training_faces(cfg, p, progress=False)
         split = split_by_identity(source.labels, cfg.data.val_identities, cfg.seed)
         pairs = make_pairs(split.val_rows, split.val_labels, cfg.data.val_pairs, cfg.seed)
-        occluder = build_occluder(cfg, p, getattr(source, "context", 1.0))
+        occluder = build_occluder(cfg, p, getattr(source, "context", 1.0), varied=False)
         m = validate(model, source, pairs, preprocess=p, device=torch.device("cpu"), batch_size=cfg.eval.batch_size,
                      occluder=occluder, seed=cfg.seed)
         print(f"| {spec} | {m['val_acc']:.4f} | {m['val_occ_acc']:.4f} | {m['val_mean']:.4f} |", flush=True)

@@ -93,7 +93,8 @@ def _read_rgba(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return rgb, alpha
 
 
-def _crop_to_alpha(rgb: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+def crop_to_alpha(rgb: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Both images cropped to the rectangle where alpha > 0, and that rectangle's top-left corner."""
     ys, xs = np.nonzero(alpha > 0)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     return (np.ascontiguousarray(rgb[y0:y1, x0:x1]), np.ascontiguousarray(alpha[y0:y1, x0:x1]), (int(x0), int(y0)))
@@ -220,7 +221,7 @@ class OccluderLibrary:
             full_size = (rgb.shape[1], rgb.shape[0])
             offset = (0, 0)
             if row["kind"] == "rgba":
-                rgb, alpha, offset = _crop_to_alpha(rgb, alpha)
+                rgb, alpha, offset = crop_to_alpha(rgb, alpha)
             section = _match_anchor(row, anchors) if row["kind"] == "rgba" else None
             points = _scaled_anchors(anchors[section], section, full_size, offset) if section else None
             occluders.append(Occluder(row["file"], row["category"], row["kind"], row["source"], row["licence"],

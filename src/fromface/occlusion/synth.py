@@ -22,6 +22,7 @@ from fromface.data.images import ImageSource, load_image
 from fromface.errors import ConfigError
 from fromface.occlusion.occluders import Occluder, OccluderLibrary
 from fromface.occlusion.patterns import PatternVocabulary
+from fromface.occlusion.variation import vary_occluder
 
 #: Where each category goes in the face presets; unknown categories go "anywhere".
 PLACEMENT = {
@@ -44,6 +45,7 @@ class Preset:
     coverage: tuple[float, float] = (0.20, 0.45)
     anchored_masks: bool = True
     max_turn_deg: float = 30.0
+    vary: float = 0.0  # probability that a pasted occluder gets a new colour and outline (occlusion.variation)
 
 
 PRESETS: dict[str, Preset] = {
@@ -103,6 +105,8 @@ def resolve_preset(preset: str | Preset, **overrides) -> Preset:
         raise ConfigError(f"coverage range must satisfy 0 < min <= max <= 1, got {lo} {hi}")
     if not 0.0 <= preset.clean_prob <= 1.0:
         raise ConfigError(f"clean_prob must be in [0, 1], got {preset.clean_prob}")
+    if not 0.0 <= preset.vary <= 1.0:
+        raise ConfigError(f"vary must be in [0, 1], got {preset.vary}")
     if preset.mode not in ("paper", "face"):
         raise ConfigError(f"preset mode must be 'paper' or 'face', got {preset.mode!r}")
     return preset
@@ -235,16 +239,20 @@ class Synthesizer:
             record.update(clean=True, occluder="", category="clean", kind="", box=[0, 0, 0, 0], scale=0.0)
             return OcclusionResult(out, mask, 0.0, 0 if grid else None, record | {"covered_fraction": 0.0})
         occ = self.library.choose(rng)
+        if self.preset.mode == "face":
+            occ = self._turned_variant(occ, lms)
+        varied = bool(self.preset.vary) and rng.random() < self.preset.vary  # no draw at 0: old seeds keep their bytes
+        if varied:
+            occ = vary_occluder(occ, rng)
         if self.preset.mode == "paper":
             mask, info = self._paste_paper(out, occ, rng, frame)
         else:
-            occ = self._turned_variant(occ, lms)
             mask, info = self._paste_face(out, occ, rng, frame, lms)
         fx0, fy0, fx1, fy1 = frame
         covered = float(np.count_nonzero(mask[fy0:fy1, fx0:fx1])) / float((fx1 - fx0) * (fy1 - fy0))
         box = _bbox(mask)
         record.update(clean=False, occluder=occ.file, category=occ.category, kind=occ.kind, box=box, **info,
-                      covered_fraction=round(covered, 6))
+                      covered_fraction=round(covered, 6), **({"varied": True} if varied else {}))
         label = self._label(mask, frame, out.shape, grid) if grid else None
         return OcclusionResult(out, mask, covered, label, record)
 

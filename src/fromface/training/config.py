@@ -61,6 +61,9 @@ class OcclusionConfig:
     preset: str = "from"  # synthesiser preset (fromface.occlusion)
     val: bool = True  # also report validation accuracy with the second image of each pair occluded
     realign: bool = False  # occlude a context pack's wider canvas, then detect and align again (as at test time)
+    # probability that a training occluder gets a new colour and outline (fromface.occlusion.variation);
+    # validation always sees the occluders as they are
+    vary: float = 0.0
 
 
 @dataclass
@@ -278,6 +281,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         ("data.accumulate", config.data.accumulate >= 1, "must be >= 1"),
         ("schedule.epochs", config.schedule.epochs >= 1, "must be >= 1"),
         ("occlusion.clean_prob", 0.0 <= config.occlusion.clean_prob <= 1.0, "must be in [0, 1]"),
+        ("occlusion.vary", 0.0 <= config.occlusion.vary <= 1.0, "must be in [0, 1]"),
         ("data.val_identities", config.data.val_identities >= 0, "must be >= 0"),
         ("data.grayscale_prob", 0.0 <= config.data.grayscale_prob <= 1.0, "must be in [0, 1]"),
         ("data.colour_jitter", 0.0 <= config.data.colour_jitter < 1.0, "must be in [0, 1)"),

@@ -110,9 +110,9 @@ class SynthesizerOccluder:
     """
 
     def __init__(self, folder: str, *, size: tuple[int, int], categories: list[str] | None = None,
-                 preset: str = "from", template: str | None = None):
+                 preset: str = "from", template: str | None = None, vary: float = 0.0):
         self.synth = Synthesizer(OccluderLibrary.from_folder(folder, categories=categories), preset=preset,
-                                 clean_prob=0.0)
+                                 clean_prob=0.0, vary=vary)
         self.landmarks = None
         if template is not None:
             tpl = get_template(template)

@@ -60,6 +60,8 @@ def stored_outputs_key(cfg: TrainConfig, model: nn.Module, images: int) -> dict:
     """Everything the stored files depend on: the trunk below the mask, the data, the augmentation."""
     occlusion = config_to_dict(cfg)["occlusion"]
     occlusion.pop("val", None)
+    if not occlusion.get("vary"):
+        occlusion.pop("vary", None)  # as with the photometric options: stores written before it existed stay valid
     # the trunk's own weights (its package may ship new ones); FROM's new parts do not shape what is stored
     trunk = f"{state_digest(model.backbone)}:{state_digest(model.head)}"
     # photometric options join the key only when set, so stores written before they existed stay valid

@@ -99,14 +99,17 @@ def build_loss(cfg: TrainConfig, model: nn.Module, num_classes: int) -> FromLoss
                                 grid=getattr(model, "grid", None))
 
 
-def build_occluder(cfg: TrainConfig, preprocess, context: float = 1.0):
-    """The training occluder; ``context`` is the source pack's canvas factor (``occlusion.realign`` needs > 1)."""
+def build_occluder(cfg: TrainConfig, preprocess, context: float = 1.0, *, varied: bool = True):
+    """The training occluder; ``context`` is the source pack's canvas factor (``occlusion.realign`` needs > 1).
+
+    ``varied=False`` leaves out ``occlusion.vary``: validation judges on the occluders as they are.
+    """
     if not cfg.occlusion.enabled:
         return None
     if cfg.occlusion.occluders:
         occluder = SynthesizerOccluder(cfg.occlusion.occluders, size=preprocess.size,
                                        categories=cfg.occlusion.categories, preset=cfg.occlusion.preset,
-                                       template=preprocess.template)
+                                       template=preprocess.template, vary=cfg.occlusion.vary if varied else 0.0)
         if not cfg.occlusion.realign:
             return occluder
         if context <= 1.0:

@@ -95,7 +95,9 @@ class Trainer:
         self.val_pairs = None
         if len(self.split.val_rows) and cfg.data.val_pairs > 0:
             self.val_pairs = make_pairs(self.split.val_rows, self.split.val_labels, cfg.data.val_pairs, cfg.seed)
-        self.occluder = build_occluder(cfg, p, getattr(self.source, "context", 1.0))
+        context = getattr(self.source, "context", 1.0)
+        self.occluder = build_occluder(cfg, p, context)
+        self.val_occluder = build_occluder(cfg, p, context, varied=False) if cfg.occlusion.vary else self.occluder
         selectable = ["val_acc"] + (["val_occ_acc", "val_mean"] if self.occluder and cfg.occlusion.val else [])
         if cfg.eval.select not in selectable:
             raise ConfigError(f"eval.select={cfg.eval.select!r} is not computed by this config; choose from "
@@ -343,7 +345,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         cfg = self.cfg.eval
         if self.val_pairs is not None:
-            occ = self.occluder if self.cfg.occlusion.val else None
+            occ = self.val_occluder if self.cfg.occlusion.val else None
             metrics.update(validate(self.model, self.source, self.val_pairs, preprocess=self.preprocess,
                                     device=self.device, batch_size=cfg.batch_size, occluder=occ, seed=self.cfg.seed,
                                     amp=self.amp))
