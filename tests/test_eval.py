@@ -216,6 +216,19 @@ def test_cli_eval_checkpoint_and_eval_id(tree, tmp_path, capsys):
     ident = json.loads((tmp_path / "id" / "report.json").read_text())["models"][0]
     assert ident["metrics"]["n_probes"] == 6 and 0.0 <= ident["metrics"]["rank1"] <= 1.0
 
+    # an earlier run's reports are kept unless --force; the cache is reused either way
+    before = (out / "report.json").read_bytes()
+    capsys.readouterr()
+    for command, folder in (("eval", out), ("eval-id", tmp_path / "id")):
+        source = ["--pairs", str(tsv)] if command == "eval" else ["--root", str(tree)]
+        again = [command, *source, "--model", str(ckpt), "--out", str(folder), "--quiet", "--threads", "1"]
+        assert main(again) == 2
+        err = capsys.readouterr().err
+        assert f"{folder}: holds report.json from an earlier run; use --force" in err and "Traceback" not in err
+        assert main([*again, "--force"]) == 0
+    assert (out / "report.json").read_bytes() != before  # replaced: this run was without --flip
+    assert json.loads((out / "report.json").read_text())["flip"] is False
+
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     tsv = write_pairs_tsv([Pair(tmp_path / "a.png", tmp_path / "b.png", True)], tmp_path / "p.tsv")
@@ -278,7 +291,7 @@ def _tiny_onnx(path: Path) -> Path:
     return path
 
 
-def test_cli_eval_onnx_model_and_first_folds(tree, tmp_path):
+def test_cli_eval_onnx_model_and_first_folds(tree, tmp_path, capsys):
     model = _tiny_onnx(tmp_path / "colour.onnx")
     tsv = write_pairs_tsv(_pairs(tree), tmp_path / "pairs.tsv", relative_to=tmp_path)
     out = tmp_path / "out"
@@ -290,8 +303,9 @@ def test_cli_eval_onnx_model_and_first_folds(tree, tmp_path):
     # flat colours per identity: the mean colour separates them perfectly
     assert res["metrics"]["accuracy_mean"] == 1.0 and res["metrics"]["auc"] == 1.0
     assert report["pairs"]["first_folds"] == 2 and report["pairs"]["n_pairs"] == 12
-    assert main(["eval", "--pairs", str(tsv), "--model", str(model), "--out", str(out), "--quiet",
+    assert main(["eval", "--pairs", str(tsv), "--model", str(model), "--out", str(out), "--quiet", "--force",
                  "--first-folds", "7"]) == 2
+    assert "--first-folds must be between 2 and" in capsys.readouterr().err
 
 
 def test_identification_with_distractors(tree, tmp_path):

@@ -21,11 +21,16 @@ def check_output_file(path: str | os.PathLike, force: bool = False) -> Path:
     return path
 
 
-def check_output_folder(path: str | os.PathLike) -> Path:
-    """``path`` is (or can be made) a folder that takes files; it is created."""
+def check_output_folder(path: str | os.PathLike, outputs: tuple[str, ...] = (), force: bool = False) -> Path:
+    """``path`` is (or can be made) a folder that takes files; it is created. A folder already holding one of the
+    ``outputs`` a command writes is refused unless ``force``, so an earlier run's results are not lost."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DataError(f"{path}: is a file, expected an output folder (give a new or existing folder)")
+    earlier = [name for name in outputs if (path / name).exists()]
+    if earlier and not force:
+        raise DataError(f"{path}: holds {earlier[0]} from an earlier run; use --force to replace it, or give a new "
+                        "--out")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

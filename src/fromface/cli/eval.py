@@ -10,6 +10,10 @@ from fromface.cli._output import check_output_folder
 from fromface.data.pairs import pair_images, read_pairs
 from fromface.errors import ConfigError
 
+#: What each command writes into --out (an earlier run's files are replaced only with --force).
+EVAL_OUTPUTS = ("report.json", "report.md", "scores.tsv", "roc.png")
+EVAL_ID_OUTPUTS = ("report.json", "report.md")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="verification accuracy of one or more models on a pair list",
@@ -55,6 +59,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="registered model, trainer checkpoint (.pt), exported .onnx, or peer (sface, "
                    "face_recognition); repeatable")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace the reports of an earlier run in --out (its embedding cache is always reused)")
     p.add_argument("--cache", type=Path, default=None, help="embedding cache folder (default: OUT/cache)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     p.add_argument("--flip", action="store_true", help="fuse the embeddings of the image and its mirror")
@@ -116,7 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     from fromface.evaluation.verification import evaluate_pairs, read_manifest
 
-    check_output_folder(args.out)
+    check_output_folder(args.out, EVAL_OUTPUTS, force=args.force)
     pairs = _first_folds(read_pairs(args.pairs, root=args.root, format=args.format), args)
     bins = _bins(args.bins)
     occlusion = read_manifest(args.manifest, args.root) if args.manifest else None
@@ -171,5 +177,5 @@ def _first_folds(pairs: list, args: argparse.Namespace) -> list:
 def run_eval_id(args: argparse.Namespace) -> int:
     from fromface.evaluation.identification import run_identification_cli
 
-    check_output_folder(args.out)
+    check_output_folder(args.out, EVAL_ID_OUTPUTS, force=args.force)
     return run_identification_cli(args, _setup(args))
