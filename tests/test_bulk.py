@@ -103,9 +103,27 @@ def same_gallery(a: Path, b: Path) -> None:
     assert all(np.allclose(x[5], y[5], atol=1e-5) for x, y in zip(rows_a, rows_b))
 
 
-def fromface(*args: str, **kw) -> subprocess.Popen:
-    """A real `fromface ARGS` process of this checkout, unbuffered, for the kill tests."""
-    code = f"import sys; sys.path.insert(0, {str(SRC)!r}); from fromface.cli.main import main; sys.exit(main())"
+def fromface(*args: str, hold: tuple[str, str, str], **kw) -> subprocess.Popen:
+    """A real `fromface ARGS` process of this checkout, unbuffered, for the kill tests.
+
+    ``hold`` = (module, class, method): the process parks at its second call of that method, before the call runs,
+    so the kill always lands part-way with a known amount done (a fast run on tiny photos could otherwise finish
+    between the test seeing progress and sending the signal)."""
+    module, cls, method = hold
+    code = f"""
+import sys, time
+sys.path.insert(0, {str(SRC)!r})
+from {module} import {cls} as held
+original, calls = held.{method}, []
+def parked(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        time.sleep(600)
+    return original(*args, **kwargs)
+held.{method} = parked
+from fromface.cli.main import main
+sys.exit(main())
+"""
     return subprocess.Popen([sys.executable, "-c", code, *args], env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
 
 
@@ -253,7 +271,8 @@ def test_embed_cli_refuses_a_partial_folder_of_another_batch_size(ckpt, people, 
 def test_killed_embed_resumes_where_it_stopped(ckpt, people, embedded, tmp_path, capsys):
     out = tmp_path / "killed.npz"  # one shard of two, one image per batch: a kill always finds batches to do
     args = ["embed", str(people), "-o", str(out), "--model", ckpt, "--fallback", "--batch", "1", "--shard", "2/2"]
-    proc = fromface(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = fromface(*args, hold=("fromface.inference.bulk", "PartialRun", "save"), stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(partial_folder(out).glob("batch-*.npz")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -262,7 +281,7 @@ def test_killed_embed_resumes_where_it_stopped(ckpt, people, embedded, tmp_path,
     done = len(list(partial_folder(out).glob("batch-*.npz")))
     want = np.load(embedded)
     mine = [k for k, p in enumerate(want["paths"]) if Shard(2, 2).holds(Path(p).as_posix())]
-    assert proc.returncode == -signal.SIGKILL and 0 < done < len(mine) and not out.exists()
+    assert proc.returncode == -signal.SIGKILL and done == 1 < len(mine) and not out.exists()
     assert main(args) == 0
     assert f"({done} of {len(mine)} images done by an earlier run)" in capsys.readouterr().out  # every photo has a face
     got = np.load(out)
@@ -275,7 +294,8 @@ def test_killed_embed_resumes_where_it_stopped(ckpt, people, embedded, tmp_path,
 def test_killed_enroll_finishes_on_a_second_run(ckpt, people, enrolled, tmp_path):
     db = tmp_path / "killed.db"
     args = ["enroll", str(people), "--db", str(db), "--model", ckpt, "--fallback"]
-    proc = fromface(*args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = fromface(*args, hold=("fromface.inference.gallery", "Gallery", "enroll_each"), stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:  # the first identity is committed: kill it while the others are still to do
         if line.startswith("enrolled "):
             break
