@@ -319,6 +319,26 @@ def test_two_processes_enrolling_at_once_lose_nothing(postgres_url):
         assert len(store) == 82 == sum(r["added"] for r in results)
 
 
+def test_a_writer_that_connected_before_another_enabled_pgvector_can_still_write(postgres_url, monkeypatch):
+    # Processes opening a fresh database at once: this one connects while pgvector is not there yet, another
+    # process enables it (and makes the gallery) before this one takes the writers' lock. Found in CI as a
+    # KeyError 'vector' from the COPY of the first enrolment.
+    original = PostgresStore._register_vector
+
+    def then_another_process_enables_it(self, conn):
+        found = original(self, conn)
+        if not found:
+            with psycopg.connect(postgres_url, autocommit=True) as other:
+                other.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        return found
+
+    monkeypatch.setattr(PostgresStore, "_register_vector", then_another_process_enables_it)
+    rng = np.random.default_rng(0)
+    with PostgresStore(postgres_url) as store:
+        assert store.write([person("late", unit(rng, 2, 16))], 16, "m:1", None, "new") == 2
+        assert store.counts() == {"late": 2}
+
+
 def test_threads_share_one_store(postgres_url):
     rng = np.random.default_rng(6)
     embs = unit(rng, 40, 16)

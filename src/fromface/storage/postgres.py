@@ -369,7 +369,9 @@ class PostgresStore(Store):
                 raise DataError(f"{self.location}: the server has no pgvector extension ({self._scrub(exc)}); "
                                 "install pgvector on the server (https://github.com/pgvector/pgvector), then run "
                                 "`CREATE EXTENSION vector` in the database") from None
-            self._register_vector(conn)
+        # Also when another process enabled pgvector after this session connected (several writers opening a
+        # fresh database at once): this session registered no vector type then, and its COPY needs one.
+        self._register_vector(conn)
         tables, self._has_templates = self._state(conn)
         try:
             with conn.transaction():
