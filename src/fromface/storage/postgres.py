@@ -155,6 +155,7 @@ class PostgresStore(Store):
         self._dim: int | None = None
         self._has_templates = False
         self._iterative = True
+        self._vector_types = False  # pgvector's types are registered on the connection
         self._bulk = False
         self._secrets = self._find_secrets(url)
         params = self._conninfo(url)
@@ -164,6 +165,11 @@ class PostgresStore(Store):
         self._conn = self._connect()
         try:
             self._open_schema()
+            # pgvector may have been enabled after this session connected: by this open, or by another process
+            # opening the fresh database at once (then this one finds a whole gallery and creates nothing)
+            if not self._vector_types:
+                with self._session("opening the gallery") as conn:
+                    self._register_vector(conn)
         except BaseException:
             self._conn.close()
             raise
@@ -252,6 +258,7 @@ class PostgresStore(Store):
 
     def _register_vector(self, conn: Any) -> bool:
         """pgvector's types for this session (when the extension is there), after checking its version."""
+        self._vector_types = False
         if conn.execute("SELECT to_regtype('vector')").fetchone()[0] is None:
             return False
         row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
@@ -263,6 +270,7 @@ class PostgresStore(Store):
         from pgvector.psycopg import register_vector
 
         register_vector(conn)
+        self._vector_types = True
         return True
 
     @contextlib.contextmanager
@@ -369,9 +377,6 @@ class PostgresStore(Store):
                 raise DataError(f"{self.location}: the server has no pgvector extension ({self._scrub(exc)}); "
                                 "install pgvector on the server (https://github.com/pgvector/pgvector), then run "
                                 "`CREATE EXTENSION vector` in the database") from None
-        # Also when another process enabled pgvector after this session connected (several writers opening a
-        # fresh database at once): this session registered no vector type then, and its COPY needs one.
-        self._register_vector(conn)
         tables, self._has_templates = self._state(conn)
         try:
             with conn.transaction():
